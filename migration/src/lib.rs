@@ -1,0 +1,16 @@
+//! Schema migrations for pipelined. They run at server start, on SQLite and
+//! PostgreSQL alike (JSON columns become `jsonb` on PostgreSQL).
+
+pub use sea_orm_migration::prelude::*;
+
+mod m20261123_000001_create_tables;
+
+/// Every migration, oldest first.
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m20261123_000001_create_tables::Migration)]
+    }
+}

@@ -1,0 +1,477 @@
+//! Pipeline definitions: what a user writes (as YAML/JSON for the CLI, as a
+//! protobuf message for the RPCs), how it is validated, and the step graph
+//! the executor walks.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::data::JsonMap;
+use super::{Error, FieldViolation};
+
+/// Longest name of a pipeline or a step.
+pub const MAX_NAME_LEN: usize = 128;
+/// Most steps one pipeline may have.
+pub const MAX_STEPS: usize = 1000;
+/// Longest `sleep` step.
+pub const MAX_SLEEP: Duration = Duration::from_secs(24 * 3600);
+/// Longest step timeout.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Highest `max_parallel_steps`.
+pub const MAX_PARALLEL_STEPS: u32 = 1024;
+
+/// A pipeline as its author wrote it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSpec {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub description: String,
+    pub steps: Vec<StepSpec>,
+    /// How many steps of one execution may run at once; 0 = server default.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub max_parallel_steps: u32,
+}
+
+/// One step of a pipeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepSpec {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub needs: Vec<String>,
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub timeout: Option<Duration>,
+    /// Written as one key named after the kind: `sleep: {duration: 2s}`.
+    #[serde(flatten)]
+    pub kind: StepKind,
+}
+
+/// What a step does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StepKind {
+    Noop {},
+    Sleep {
+        #[serde(with = "duration")]
+        duration: Duration,
+    },
+    Fail {
+        #[serde(default)]
+        message: String,
+    },
+    Set {
+        #[serde(default)]
+        values: JsonMap,
+    },
+    Command(CommandSpec),
+}
+
+impl StepKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Noop {} => "noop",
+            Self::Sleep { .. } => "sleep",
+            Self::Fail { .. } => "fail",
+            Self::Set { .. } => "set",
+            Self::Command(_) => "command",
+        }
+    }
+}
+
+/// A program to run for a `command` step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandSpec {
+    pub program: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub working_dir: String,
+}
+
+/// Which programs `command` steps may run on this server.
+#[derive(Debug, Clone, Default)]
+pub struct CommandPolicy {
+    allowed: Vec<String>,
+}
+
+impl CommandPolicy {
+    /// Commands are disabled when `allowed` is empty.
+    pub fn new(allowed: Vec<String>) -> Self {
+        Self { allowed }
+    }
+
+    pub fn allows(&self, program: &str) -> bool {
+        self.allowed.iter().any(|p| p == program)
+    }
+}
+
+impl PipelineSpec {
+    /// Checks everything that can be checked before a definition is stored:
+    /// names, `needs`, cycles, durations and limits. Every problem found is
+    /// reported at once, each with its field path. Then checks that every
+    /// `command` step's program is allowed by `policy`.
+    pub fn validate(&self, policy: &CommandPolicy) -> Result<(), Error> {
+        let mut violations = Vec::new();
+        check_name("name", &self.name, &mut violations);
+        if self.steps.is_empty() {
+            violations.push(FieldViolation::new(
+                "steps",
+                "a pipeline needs at least one step",
+            ));
+        }
+        if self.steps.len() > MAX_STEPS {
+            violations.push(FieldViolation::new(
+                "steps",
+                format!(
+                    "{} steps is more than the limit of {MAX_STEPS}",
+                    self.steps.len()
+                ),
+            ));
+        }
+        if self.max_parallel_steps > MAX_PARALLEL_STEPS {
+            violations.push(FieldViolation::new(
+                "max_parallel_steps",
+                format!("must be at most {MAX_PARALLEL_STEPS}"),
+            ));
+        }
+
+        let mut first_index: HashMap<&str, usize> = HashMap::new();
+        for (i, step) in self.steps.iter().enumerate() {
+            let field = format!("steps[{i}].name");
+            check_name(&field, &step.name, &mut violations);
+            if let Some(first) = first_index.insert(&step.name, i) {
+                first_index.insert(&step.name, first);
+                violations.push(FieldViolation::new(
+                    field,
+                    format!(
+                        "duplicate step name '{}' (first used by steps[{first}])",
+                        step.name
+                    ),
+                ));
+            }
+        }
+        for (i, step) in self.steps.iter().enumerate() {
+            for (j, need) in step.needs.iter().enumerate() {
+                let field = format!("steps[{i}].needs[{j}]");
+                if need == &step.name {
+                    violations.push(FieldViolation::new(field, "a step cannot need itself"));
+                } else if !first_index.contains_key(need.as_str()) {
+                    violations.push(FieldViolation::new(
+                        field,
+                        format!("no step is named '{need}'"),
+                    ));
+                } else if step.needs[..j].contains(need) {
+                    violations.push(FieldViolation::new(
+                        field,
+                        format!("'{need}' is listed twice"),
+                    ));
+                }
+            }
+            if let Some(timeout) = step.timeout
+                && (timeout.is_zero() || timeout > MAX_TIMEOUT)
+            {
+                violations.push(FieldViolation::new(
+                    format!("steps[{i}].timeout"),
+                    format!(
+                        "must be more than 0 and at most {}",
+                        humantime::format_duration(MAX_TIMEOUT)
+                    ),
+                ));
+            }
+            match &step.kind {
+                StepKind::Sleep { duration } if *duration > MAX_SLEEP => {
+                    violations.push(FieldViolation::new(
+                        format!("steps[{i}].sleep.duration"),
+                        format!("must be at most {}", humantime::format_duration(MAX_SLEEP)),
+                    ));
+                }
+                StepKind::Command(command) if command.program.trim().is_empty() => {
+                    violations.push(FieldViolation::new(
+                        format!("steps[{i}].command.program"),
+                        "a program is required",
+                    ));
+                }
+                _ => {}
+            }
+        }
+        if violations.is_empty()
+            && let Some((index, cycle)) = self.find_cycle()
+        {
+            violations.push(FieldViolation::new(
+                format!("steps[{index}].needs"),
+                format!("dependency cycle: {}", cycle.join(" -> ")),
+            ));
+        }
+        if !violations.is_empty() {
+            return Err(Error::InvalidArgument(violations));
+        }
+
+        for (i, step) in self.steps.iter().enumerate() {
+            if let StepKind::Command(command) = &step.kind
+                && !policy.allows(&command.program)
+            {
+                return Err(Error::CommandNotAllowed {
+                    field: format!("steps[{i}].command.program"),
+                    program: command.program.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// A cycle in `needs`, as the index of the step where it was found and the
+    /// step names along it, first name repeated at the end.
+    fn find_cycle(&self) -> Option<(usize, Vec<String>)> {
+        #[derive(Clone, Copy, PartialEq)]
+        enum Mark {
+            New,
+            OnPath,
+            Done,
+        }
+        let index: HashMap<&str, usize> = self
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.as_str(), i))
+            .collect();
+        let mut marks = vec![Mark::New; self.steps.len()];
+        for start in 0..self.steps.len() {
+            if marks[start] != Mark::New {
+                continue;
+            }
+            // Iterative depth-first search; `path` holds (step, next need to visit).
+            let mut path: Vec<(usize, usize)> = vec![(start, 0)];
+            marks[start] = Mark::OnPath;
+            while let Some(&mut (node, ref mut next)) = path.last_mut() {
+                if let Some(need) = self.steps[node].needs.get(*next) {
+                    *next += 1;
+                    let child = index[need.as_str()];
+                    match marks[child] {
+                        Mark::New => {
+                            marks[child] = Mark::OnPath;
+                            path.push((child, 0));
+                        }
+                        Mark::OnPath => {
+                            let from = path.iter().position(|&(n, _)| n == child).unwrap_or(0);
+                            let mut cycle: Vec<String> = path[from..]
+                                .iter()
+                                .map(|&(n, _)| self.steps[n].name.clone())
+                                .collect();
+                            cycle.push(self.steps[child].name.clone());
+                            return Some((child, cycle));
+                        }
+                        Mark::Done => {}
+                    }
+                } else {
+                    marks[node] = Mark::Done;
+                    path.pop();
+                }
+            }
+        }
+        None
+    }
+}
+
+/// The step graph of a validated definition, indexed by step position.
+#[derive(Debug, Clone)]
+pub struct Graph {
+    /// Indices of each step's needs.
+    pub needs: Vec<Vec<usize>>,
+    /// Indices of the steps that need each step.
+    pub dependents: Vec<Vec<usize>>,
+    /// The execution order: a topological order in which ties are broken by
+    /// position in the definition. Data layers are merged in this order.
+    pub order: Vec<usize>,
+    /// Each step's rank in `order`.
+    pub rank: Vec<usize>,
+}
+
+impl Graph {
+    /// Builds the graph. The definition must have passed [`PipelineSpec::validate`].
+    pub fn new(spec: &PipelineSpec) -> Self {
+        let index: HashMap<&str, usize> = spec
+            .steps
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.name.as_str(), i))
+            .collect();
+        let n = spec.steps.len();
+        let needs: Vec<Vec<usize>> = spec
+            .steps
+            .iter()
+            .map(|s| {
+                s.needs
+                    .iter()
+                    .filter_map(|d| index.get(d.as_str()).copied())
+                    .collect()
+            })
+            .collect();
+        let mut dependents = vec![Vec::new(); n];
+        for (i, ds) in needs.iter().enumerate() {
+            for &d in ds {
+                dependents[d].push(i);
+            }
+        }
+        // Kahn's algorithm, always taking the lowest ready position.
+        let mut waiting: Vec<usize> = needs.iter().map(Vec::len).collect();
+        let mut ready: std::collections::BTreeSet<usize> =
+            (0..n).filter(|&i| waiting[i] == 0).collect();
+        let mut order = Vec::with_capacity(n);
+        while let Some(i) = ready.pop_first() {
+            order.push(i);
+            for &d in &dependents[i] {
+                waiting[d] -= 1;
+                if waiting[d] == 0 {
+                    ready.insert(d);
+                }
+            }
+        }
+        let mut rank = vec![0; n];
+        for (r, &i) in order.iter().enumerate() {
+            rank[i] = r;
+        }
+        Self {
+            needs,
+            dependents,
+            order,
+            rank,
+        }
+    }
+
+    /// Every step `step` depends on, directly or not, in execution order.
+    pub fn ancestors(&self, step: usize) -> Vec<usize> {
+        let mut seen = vec![false; self.needs.len()];
+        let mut stack = self.needs[step].clone();
+        while let Some(i) = stack.pop() {
+            if !std::mem::replace(&mut seen[i], true) {
+                stack.extend(&self.needs[i]);
+            }
+        }
+        self.order.iter().copied().filter(|&i| seen[i]).collect()
+    }
+
+    /// `step` and every step that depends on it, directly or not.
+    pub fn downstream(&self, step: usize) -> Vec<usize> {
+        let mut seen = vec![false; self.needs.len()];
+        let mut stack = vec![step];
+        while let Some(i) = stack.pop() {
+            if !std::mem::replace(&mut seen[i], true) {
+                stack.extend(&self.dependents[i]);
+            }
+        }
+        (0..seen.len()).filter(|&i| seen[i]).collect()
+    }
+}
+
+fn check_name(field: &str, name: &str, violations: &mut Vec<FieldViolation>) {
+    let problem = if name.is_empty() {
+        Some("must not be empty".to_string())
+    } else if name.len() > MAX_NAME_LEN {
+        Some(format!("must be at most {MAX_NAME_LEN} characters"))
+    } else if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        Some("may contain only letters, digits, '-', '_' and '.'".to_string())
+    } else {
+        None
+    };
+    if let Some(description) = problem {
+        violations.push(FieldViolation::new(field, description));
+    }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// Durations written as `1.5s`, `250ms`, `2m`.
+mod duration {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+mod opt_duration {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::duration::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|text| humantime::parse_duration(&text).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(yaml: &str) -> PipelineSpec {
+        serde_yaml_ng::from_str(yaml).unwrap()
+    }
+
+    #[test]
+    fn yaml_round_trips_every_kind() {
+        let p = spec(
+            "name: p\nsteps:\n- name: a\n  noop: {}\n- name: b\n  needs: [a]\n  timeout: 5s\n  sleep: {duration: 150ms}\n\
+             - name: c\n  fail: {message: boom}\n- name: d\n  set: {values: {k: 1}}\n\
+             - name: e\n  command: {program: sh, args: [-c, 'echo {}']}\n",
+        );
+        assert_eq!(p.steps[1].timeout, Some(Duration::from_secs(5)));
+        assert_eq!(
+            p.steps[1].kind,
+            StepKind::Sleep {
+                duration: Duration::from_millis(150)
+            }
+        );
+        let again: PipelineSpec =
+            serde_json::from_value(serde_json::to_value(&p).unwrap()).unwrap();
+        assert_eq!(again, p);
+    }
+
+    #[test]
+    fn cycle_is_named() {
+        let p = spec(
+            "name: p\nsteps:\n- {name: a, needs: [c], noop: {}}\n- {name: b, needs: [a], noop: {}}\n- {name: c, needs: [b], noop: {}}\n",
+        );
+        let Err(Error::InvalidArgument(v)) = p.validate(&CommandPolicy::default()) else {
+            panic!("expected a violation")
+        };
+        assert_eq!(v[0].description, "dependency cycle: a -> c -> b -> a");
+    }
+
+    #[test]
+    fn order_breaks_ties_by_position() {
+        let p = spec(
+            "name: p\nsteps:\n- {name: late, needs: [root], noop: {}}\n- {name: root, noop: {}}\n- {name: other, noop: {}}\n",
+        );
+        let g = Graph::new(&p);
+        assert_eq!(g.order, vec![1, 0, 2]);
+        assert_eq!(g.ancestors(0), vec![1]);
+        assert_eq!(g.downstream(1), vec![0, 1]);
+    }
+}

@@ -1,0 +1,69 @@
+use crate::storage::StoreError;
+
+/// One invalid field of a request, named by its path (`steps[2].needs[0]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldViolation {
+    pub field: String,
+    pub description: String,
+}
+
+impl FieldViolation {
+    pub fn new(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            description: description.into(),
+        }
+    }
+}
+
+/// Everything the domain and the executor can refuse or fail with. The
+/// transport maps each variant to exactly one gRPC status code.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("invalid request: {}", describe(.0))]
+    InvalidArgument(Vec<FieldViolation>),
+    #[error("{kind} '{id}' not found")]
+    NotFound { kind: &'static str, id: String },
+    #[error("{kind} '{id}' already exists")]
+    AlreadyExists { kind: &'static str, id: String },
+    /// An illegal state transition or an operation the current state forbids.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A `command` step names a program the server does not allow.
+    #[error(
+        "{field}: program '{program}' is not allowed on this server; command steps run only \
+         for programs given to `pipelined serve --allow-command`"
+    )]
+    CommandNotAllowed { field: String, program: String },
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    /// A storage failure with no domain meaning (database down, corrupt row).
+    #[error(transparent)]
+    Storage(StoreError),
+}
+
+impl From<StoreError> for Error {
+    /// Storage outcomes that mean something to a caller become domain errors.
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::NotFound { kind, id } => Self::NotFound { kind, id },
+            StoreError::AlreadyExists { kind, id } => Self::AlreadyExists { kind, id },
+            StoreError::Conflict(message) => Self::FailedPrecondition(message),
+            other => Self::Storage(other),
+        }
+    }
+}
+
+impl Error {
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self::InvalidArgument(vec![FieldViolation::new(field, description)])
+    }
+}
+
+fn describe(violations: &[FieldViolation]) -> String {
+    violations
+        .iter()
+        .map(|v| format!("{}: {}", v.field, v.description))
+        .collect::<Vec<_>>()
+        .join("; ")
+}

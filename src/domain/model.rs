@@ -1,0 +1,185 @@
+//! The records the service keeps: stored pipelines, executions with their
+//! steps, and the events that tell their history.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::data::{JsonMap, layered};
+use super::definition::{Graph, PipelineSpec};
+use super::status::{EventKind, ExecutionStatus, StepStatus, TriggerKind};
+
+/// One stored version of a pipeline.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pipeline {
+    pub spec: PipelineSpec,
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+}
+
+/// What started an execution.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Trigger {
+    pub kind: TriggerKind,
+    pub data: JsonMap,
+}
+
+/// What a caller asks `RunPipeline` for.
+#[derive(Debug, Clone)]
+pub struct RunRequest {
+    pub pipeline_name: String,
+    pub input: JsonMap,
+    pub trigger: Trigger,
+    pub correlation_id: String,
+    pub labels: BTreeMap<String, String>,
+}
+
+/// One run of a pipeline version, with every step.
+#[derive(Debug, Clone)]
+pub struct Execution {
+    pub id: String,
+    pub pipeline_name: String,
+    pub pipeline_version: i64,
+    /// The definition this execution runs, fixed when it was created.
+    pub definition: PipelineSpec,
+    pub status: ExecutionStatus,
+    pub trigger: Trigger,
+    pub correlation_id: String,
+    pub labels: BTreeMap<String, String>,
+    pub input: JsonMap,
+    pub execution_data: JsonMap,
+    pub error_message: String,
+    pub created_at: DateTime<Utc>,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    /// Sequence number of the latest event.
+    pub last_sequence: i64,
+    /// In definition order.
+    pub steps: Vec<StepRun>,
+}
+
+/// One step of one execution.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepRun {
+    pub name: String,
+    pub status: StepStatus,
+    /// Latest attempt, from 1; 0 before the first.
+    pub attempt: u32,
+    pub started_at: Option<DateTime<Utc>>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub output: Option<JsonMap>,
+    pub error: String,
+    pub reason: String,
+}
+
+/// Steps done out of steps total.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    pub done: u32,
+    pub total: u32,
+}
+
+impl Progress {
+    pub fn percent(self) -> f64 {
+        if self.total == 0 {
+            100.0
+        } else {
+            f64::from(self.done) * 100.0 / f64::from(self.total)
+        }
+    }
+}
+
+/// One entry of an execution's event log.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub execution_id: String,
+    /// 1, 2, 3, ... with no gaps within one execution.
+    pub sequence: i64,
+    pub kind: EventKind,
+    pub time: DateTime<Utc>,
+    pub execution_status: ExecutionStatus,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_name: Option<String>,
+    #[serde(default)]
+    pub attempt: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<JsonMap>,
+    #[serde(default)]
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub duration: Option<Duration>,
+    pub progress: Progress,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub execution_data: Option<JsonMap>,
+}
+
+impl StepRun {
+    pub fn new(name: String) -> Self {
+        Self {
+            name,
+            status: StepStatus::Pending,
+            attempt: 0,
+            started_at: None,
+            finished_at: None,
+            output: None,
+            error: String::new(),
+            reason: String::new(),
+        }
+    }
+
+    pub fn duration(&self) -> Option<Duration> {
+        Some(
+            (self.finished_at? - self.started_at?)
+                .to_std()
+                .unwrap_or_default(),
+        )
+    }
+
+    /// Puts the step back to pending for another attempt.
+    pub fn reset(&mut self) {
+        self.status = StepStatus::Pending;
+        self.finished_at = None;
+        self.output = None;
+        self.error.clear();
+        self.reason.clear();
+    }
+}
+
+impl Execution {
+    pub fn progress(&self) -> Progress {
+        Progress {
+            done: self.steps.iter().filter(|s| s.status.is_final()).count() as u32,
+            total: self.steps.len() as u32,
+        }
+    }
+
+    pub fn duration(&self) -> Option<Duration> {
+        let start = self.started_at?;
+        let end = self.finished_at.unwrap_or_else(Utc::now);
+        Some((end - start).to_std().unwrap_or_default())
+    }
+
+    /// Recomputes `execution_data`: the input with the outputs of all
+    /// succeeded steps merged over it in execution order.
+    pub fn recompute_data(&mut self, graph: &Graph) {
+        let outputs = graph.order.iter().filter_map(|&i| {
+            let step = &self.steps[i];
+            (step.status == StepStatus::Succeeded)
+                .then_some(step.output.as_ref())
+                .flatten()
+        });
+        self.execution_data = layered(&self.input, outputs);
+    }
+
+    /// The data step `index` receives: the input with the outputs of all of
+    /// its ancestors merged over it in execution order.
+    pub fn step_input(&self, graph: &Graph, index: usize) -> JsonMap {
+        let outputs = graph
+            .ancestors(index)
+            .into_iter()
+            .filter_map(|i| self.steps[i].output.as_ref());
+        layered(&self.input, outputs)
+    }
+}

@@ -1,0 +1,193 @@
+//! Statuses and the state machines that govern them.
+//!
+//! Execution:
+//! ```text
+//! pending ──▶ running ──▶ succeeded
+//!    │          │  ╰────▶ failed ──────╮
+//!    │          ├─▶ stopping ─┬─▶ cancelled ──╮
+//!    │          ╰─▶ terminating ◀┘      ▲      │ retry
+//!    ╰──────────────────────────────────╯      │
+//! failed, cancelled ──retry──▶ running ◀───────╯
+//! ```
+//! Step: pending → running → succeeded | failed | cancelled; pending →
+//! skipped | cancelled; and back to pending by a retry.
+
+use serde::{Deserialize, Serialize};
+
+use super::Error;
+
+macro_rules! string_enum {
+    ($(#[$meta:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name { $($variant),+ }
+
+        impl $name {
+            /// The name stored in the database and shown to people.
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $text),+ }
+            }
+
+            /// Inverse of [`Self::as_str`].
+            pub fn parse(text: &str) -> Option<Self> {
+                match text { $($text => Some(Self::$variant),)+ _ => None }
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+string_enum!(
+    /// Lifecycle of an execution.
+    ExecutionStatus {
+        Pending => "pending",
+        Running => "running",
+        Stopping => "stopping",
+        Terminating => "terminating",
+        Succeeded => "succeeded",
+        Failed => "failed",
+        Cancelled => "cancelled",
+    }
+);
+
+string_enum!(
+    /// Lifecycle of one step of an execution.
+    StepStatus {
+        Pending => "pending",
+        Running => "running",
+        Succeeded => "succeeded",
+        Failed => "failed",
+        Skipped => "skipped",
+        Cancelled => "cancelled",
+    }
+);
+
+string_enum!(
+    /// What an event records.
+    EventKind {
+        ExecutionStarted => "execution_started",
+        ExecutionSucceeded => "execution_succeeded",
+        ExecutionFailed => "execution_failed",
+        ExecutionCancelled => "execution_cancelled",
+        ExecutionCancelRequested => "execution_cancel_requested",
+        ExecutionRetried => "execution_retried",
+        StepStarted => "step_started",
+        StepSucceeded => "step_succeeded",
+        StepFailed => "step_failed",
+        StepSkipped => "step_skipped",
+        StepCancelled => "step_cancelled",
+    }
+);
+
+string_enum!(
+    /// Where an execution came from.
+    TriggerKind {
+        Manual => "manual",
+        Scheduled => "scheduled",
+        Webhook => "webhook",
+        Event => "event",
+        Api => "api",
+    }
+);
+
+string_enum!(
+    /// How a cancel treats running steps.
+    CancelMode {
+        Graceful => "graceful",
+        Terminate => "terminate",
+    }
+);
+
+impl ExecutionStatus {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+
+    /// Whether the state machine allows `self → next`.
+    pub fn can_become(self, next: Self) -> bool {
+        use ExecutionStatus::*;
+        matches!(
+            (self, next),
+            (Pending, Running | Cancelled)
+                | (Running, Stopping | Terminating | Succeeded | Failed)
+                | (Stopping, Terminating | Cancelled)
+                | (Terminating, Cancelled)
+                | (Failed | Cancelled, Running)
+        )
+    }
+
+    /// `Ok` if `self → next` is legal, else FAILED_PRECONDITION naming both.
+    pub fn check(self, next: Self, action: &str) -> Result<(), Error> {
+        if self.can_become(next) {
+            Ok(())
+        } else {
+            Err(Error::FailedPrecondition(format!(
+                "cannot {action} an execution that is {self} (it would have to become {next})"
+            )))
+        }
+    }
+}
+
+impl StepStatus {
+    pub fn is_final(self) -> bool {
+        !matches!(self, Self::Pending | Self::Running)
+    }
+
+    pub fn can_become(self, next: Self) -> bool {
+        use StepStatus::*;
+        matches!(
+            (self, next),
+            (Pending, Running | Skipped | Cancelled)
+                | (Running, Succeeded | Failed | Cancelled)
+                | (Succeeded | Failed | Skipped | Cancelled, Pending)
+        )
+    }
+}
+
+impl EventKind {
+    /// Events after which the execution is terminal.
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            Self::ExecutionSucceeded | Self::ExecutionFailed | Self::ExecutionCancelled
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ALL: [ExecutionStatus; 7] = [
+        ExecutionStatus::Pending,
+        ExecutionStatus::Running,
+        ExecutionStatus::Stopping,
+        ExecutionStatus::Terminating,
+        ExecutionStatus::Succeeded,
+        ExecutionStatus::Failed,
+        ExecutionStatus::Cancelled,
+    ];
+
+    #[test]
+    fn terminal_states_only_leave_through_retry() {
+        for from in ALL.into_iter().filter(|s| s.is_terminal()) {
+            for to in ALL {
+                let expected = from != ExecutionStatus::Succeeded && to == ExecutionStatus::Running;
+                assert_eq!(from.can_become(to), expected, "{from} -> {to}");
+            }
+        }
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for status in ALL {
+            assert_eq!(ExecutionStatus::parse(status.as_str()), Some(status));
+        }
+    }
+}

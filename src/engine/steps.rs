@@ -1,0 +1,249 @@
+//! Running one attempt of one step.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::domain::data::JsonMap;
+use crate::domain::definition::{CommandPolicy, CommandSpec, StepKind};
+
+/// How many bytes of a command's stderr a failure message keeps (the tail).
+pub const STDERR_TAIL_BYTES: usize = 4096;
+/// Longest stdout line that is considered as a command's JSON output.
+pub const MAX_OUTPUT_LINE_BYTES: usize = 8 * 1024 * 1024;
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepOutcome {
+    Succeeded(JsonMap),
+    Failed(String),
+    /// Stopped by a terminate request or by server shutdown.
+    Cancelled(String),
+}
+
+/// Everything one attempt needs.
+pub struct Attempt<'a> {
+    pub kind: &'a StepKind,
+    pub execution_id: &'a str,
+    pub step_name: &'a str,
+    pub attempt: u32,
+    /// The input merged with the outputs of the step's ancestors.
+    pub input: JsonMap,
+    pub timeout: Option<Duration>,
+    pub commands: &'a CommandPolicy,
+    /// Cancelled to stop the attempt now.
+    pub cancel: CancellationToken,
+}
+
+/// Runs one attempt to its end, its timeout, or its cancellation. Dropping
+/// the work on timeout or cancellation kills a command's whole process group.
+pub async fn run(attempt: Attempt<'_>) -> StepOutcome {
+    let cancel = attempt.cancel.clone();
+    let timeout = attempt.timeout;
+    let work = async {
+        match timeout {
+            Some(limit) => tokio::time::timeout(limit, execute(&attempt))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(format!(
+                        "timed out after {}",
+                        humantime::format_duration(limit)
+                    ))
+                }),
+            None => execute(&attempt).await,
+        }
+    };
+    tokio::select! {
+        biased;
+        _ = cancel.cancelled() => StepOutcome::Cancelled("terminated".to_string()),
+        result = work => match result {
+            Ok(output) => StepOutcome::Succeeded(output),
+            Err(error) => StepOutcome::Failed(error),
+        },
+    }
+}
+
+async fn execute(attempt: &Attempt<'_>) -> Result<JsonMap, String> {
+    match attempt.kind {
+        StepKind::Noop {} => Ok(JsonMap::new()),
+        StepKind::Sleep { duration } => {
+            tokio::time::sleep(*duration).await;
+            Ok(JsonMap::new())
+        }
+        StepKind::Fail { message } if message.is_empty() => Err("step failed".to_string()),
+        StepKind::Fail { message } => Err(message.clone()),
+        StepKind::Set { values } => Ok(values.clone()),
+        StepKind::Command(spec) => run_command(spec, attempt).await,
+    }
+}
+
+/// Kills a process group when dropped: when the command ends, times out or
+/// is cancelled, nothing it started outlives the step.
+struct ProcessGroup(Pid);
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        // ESRCH (the group is already gone) is the common, harmless case.
+        let _ = killpg(self.0, Signal::SIGKILL);
+    }
+}
+
+async fn run_command(spec: &CommandSpec, attempt: &Attempt<'_>) -> Result<JsonMap, String> {
+    if !attempt.commands.allows(&spec.program) {
+        return Err(format!(
+            "program '{}' is not allowed on this server (see --allow-command)",
+            spec.program
+        ));
+    }
+    let mut command = tokio::process::Command::new(&spec.program);
+    command
+        .args(&spec.args)
+        .envs(&spec.env)
+        .env("PIPELINED_EXECUTION_ID", attempt.execution_id)
+        .env("PIPELINED_STEP", attempt.step_name)
+        .env("PIPELINED_ATTEMPT", attempt.attempt.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    if !spec.working_dir.is_empty() {
+        command.current_dir(&spec.working_dir);
+    }
+    let mut child = command
+        .spawn()
+        .map_err(|e| format!("cannot start '{}': {e}", spec.program))?;
+    let group = child
+        .id()
+        .map(|pid| ProcessGroup(Pid::from_raw(pid as i32)));
+
+    let mut stdin_payload = serde_json::to_vec(&attempt.input).unwrap_or_default();
+    stdin_payload.push(b'\n');
+    let stdin = child.stdin.take();
+    let write_stdin = async move {
+        if let Some(mut stdin) = stdin {
+            // A program that does not read its stdin is fine.
+            let _ = stdin.write_all(&stdin_payload).await;
+        }
+    };
+    let stdout = child.stdout.take();
+    let stderr = child.stderr.take();
+    let wait = async {
+        let status = child.wait().await;
+        // The program is done: stop whatever it left behind, which also
+        // closes the pipes those leftovers held open.
+        drop(group);
+        status
+    };
+    let ((), last_line, stderr_tail, status) = tokio::join!(
+        write_stdin,
+        read_last_line(stdout),
+        read_tail(stderr, STDERR_TAIL_BYTES),
+        wait
+    );
+    let status = status.map_err(|e| format!("waiting for '{}' failed: {e}", spec.program))?;
+    if !status.success() {
+        let how = match (
+            status.code(),
+            std::os::unix::process::ExitStatusExt::signal(&status),
+        ) {
+            (Some(code), _) => format!("exited with status {code}"),
+            (None, Some(signal)) => format!("killed by signal {signal}"),
+            _ => "failed".to_string(),
+        };
+        let tail = String::from_utf8_lossy(&stderr_tail);
+        let tail = tail.trim();
+        return Err(if tail.is_empty() {
+            format!("{} {how}", spec.program)
+        } else {
+            format!("{} {how}: {tail}", spec.program)
+        });
+    }
+    Ok(match serde_json::from_slice(&last_line) {
+        Ok(serde_json::Value::Object(output)) => output,
+        _ => JsonMap::new(),
+    })
+}
+
+/// The last non-empty line of a stream, reading it all in bounded memory.
+async fn read_last_line(stream: Option<impl AsyncRead + Unpin>) -> Vec<u8> {
+    let Some(mut stream) = stream else {
+        return Vec::new();
+    };
+    let mut last = Vec::new();
+    let mut current = Vec::new();
+    let mut too_long = false;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        for line in buf[..n].split_inclusive(|&b| b == b'\n') {
+            let complete = line.ends_with(b"\n");
+            let line = line.strip_suffix(b"\n").unwrap_or(line);
+            if !too_long {
+                current.extend_from_slice(line);
+                if current.len() > MAX_OUTPUT_LINE_BYTES {
+                    too_long = true;
+                    current.clear();
+                }
+            }
+            if complete {
+                if !too_long && !current.iter().all(u8::is_ascii_whitespace) {
+                    last = std::mem::take(&mut current);
+                }
+                current.clear();
+                too_long = false;
+            }
+        }
+    }
+    if !too_long && !current.iter().all(u8::is_ascii_whitespace) {
+        last = current;
+    }
+    last
+}
+
+/// The last `limit` bytes of a stream.
+async fn read_tail(stream: Option<impl AsyncRead + Unpin>, limit: usize) -> Vec<u8> {
+    let Some(mut stream) = stream else {
+        return Vec::new();
+    };
+    let mut tail = Vec::with_capacity(limit * 2);
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                tail.extend_from_slice(&buf[..n]);
+                if tail.len() > limit {
+                    tail.drain(..tail.len() - limit);
+                }
+            }
+        }
+    }
+    tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn last_line_skips_trailing_blank_lines() {
+        let data: &[u8] = b"log\n{\"a\":1}\n\n";
+        assert_eq!(read_last_line(Some(data)).await, b"{\"a\":1}");
+        let unterminated: &[u8] = b"x\n{\"b\":2}";
+        assert_eq!(read_last_line(Some(unterminated)).await, b"{\"b\":2}");
+    }
+
+    #[tokio::test]
+    async fn tail_keeps_the_end() {
+        let data = vec![b'x'; 10_000];
+        assert_eq!(read_tail(Some(&data[..]), 100).await.len(), 100);
+    }
+}

@@ -1,0 +1,128 @@
+//! Starting and stopping the service: storage, engine, gRPC with health and
+//! reflection, graceful shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+use crate::domain::definition::CommandPolicy;
+use crate::engine::{Engine, EngineConfig};
+use crate::proto::v1::pipeline_service_server::PipelineServiceServer;
+use crate::storage::Store;
+use crate::transport::service::PipelineApi;
+
+/// What `pipelined serve` is configured with.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    /// Where the SQLite file lives when no database URL is given.
+    pub data_dir: PathBuf,
+    /// `sqlite://...` or `postgres://...`; overrides `data_dir`.
+    pub database_url: Option<String>,
+    pub max_parallel_steps: usize,
+    /// Programs `command` steps may run; empty disables command steps.
+    pub allow_commands: Vec<String>,
+}
+
+impl ServeConfig {
+    /// The database URL in effect, creating the data directory if needed.
+    pub fn database_url(&self) -> anyhow::Result<String> {
+        if let Some(url) = &self.database_url {
+            return Ok(url.clone());
+        }
+        std::fs::create_dir_all(&self.data_dir)
+            .with_context(|| format!("cannot create data directory {}", self.data_dir.display()))?;
+        Ok(format!(
+            "sqlite://{}?mode=rwc",
+            self.data_dir.join("pipelined.db").display()
+        ))
+    }
+}
+
+/// Serves on `listener` until `shutdown` completes, then stops gracefully:
+/// health turns NOT_SERVING, watch streams end with UNAVAILABLE (clients
+/// reconnect with their last sequence), in-flight calls finish, and running
+/// step attempts are stopped to run again at the next start.
+pub async fn serve(
+    config: ServeConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let url = config.database_url()?;
+    let store = Store::connect(&url)
+        .await
+        .with_context(|| format!("cannot open database {url}"))?;
+    let engine = Engine::new(
+        store,
+        EngineConfig {
+            max_parallel_steps: config.max_parallel_steps.max(1),
+            commands: CommandPolicy::new(config.allow_commands.clone()),
+        },
+    );
+    let recovered = engine
+        .recover()
+        .await
+        .context("cannot resume unfinished executions")?;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<PipelineServiceServer<PipelineApi>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+
+    tracing::info!(addr = %listener.local_addr()?, database = %redact(&url), recovered, "pipelined serving");
+    let stopping = engine.shutdown_token();
+    let on_shutdown = async move {
+        shutdown.await;
+        tracing::info!("shutting down");
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        health
+            .set_not_serving::<PipelineServiceServer<PipelineApi>>()
+            .await;
+        stopping.cancel();
+    };
+    tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(PipelineServiceServer::new(PipelineApi::new(engine.clone())))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), on_shutdown)
+        .await?;
+    engine.shutdown().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// The URL without its password, for logs.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://***{}", &url[..scheme], &url[at..])
+        }
+        _ => url.to_string(),
+    }
+}

@@ -1,0 +1,6 @@
+//! SeaORM entities, one per table (see `migration/`).
+
+pub mod execution;
+pub mod execution_event;
+pub mod execution_step;
+pub mod pipeline;

@@ -1,0 +1,559 @@
+//! Storage: SeaORM entities and every query the service makes, behind one
+//! type, [`Store`]. SQLite (the embedded default) and PostgreSQL share all of
+//! it; the only difference is how connections are pooled.
+
+pub mod entities;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use migration::{Migrator, MigratorTrait};
+use sea_orm::sea_query::OnConflict;
+use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection,
+    DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+};
+use serde_json::Value;
+
+use crate::domain::data::JsonMap;
+use crate::domain::definition::PipelineSpec;
+use crate::domain::model::{Event, Execution, Pipeline, StepRun, Trigger};
+use crate::domain::status::{ExecutionStatus, StepStatus, TriggerKind};
+use entities::{execution, execution_event, execution_step, pipeline};
+
+/// Everything storage can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] DbErr),
+    /// A row that cannot be read back into the domain model.
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+    #[error("{kind} '{id}' not found")]
+    NotFound { kind: &'static str, id: String },
+    #[error("{kind} '{id}' already exists")]
+    AlreadyExists { kind: &'static str, id: String },
+    /// The row was not in the state the write expected.
+    #[error("{0}")]
+    Conflict(String),
+}
+
+type Result<T> = std::result::Result<T, StoreError>;
+
+/// Statuses of executions that are not finished.
+pub const ACTIVE_STATUSES: [ExecutionStatus; 4] = [
+    ExecutionStatus::Pending,
+    ExecutionStatus::Running,
+    ExecutionStatus::Stopping,
+    ExecutionStatus::Terminating,
+];
+
+/// Filter and page of `ListExecutions`.
+#[derive(Debug, Clone, Default)]
+pub struct ExecutionFilter {
+    pub pipeline_name: Option<String>,
+    pub statuses: Vec<ExecutionStatus>,
+    /// Only executions with an id lower than this (ids are time-ordered).
+    pub before_id: Option<String>,
+    pub limit: u64,
+}
+
+/// The database, with one pool for writes and one for reads. On SQLite the
+/// write pool has a single connection (SQLite has a single writer anyway, and
+/// this avoids lock upgrades failing with SQLITE_BUSY) and reads use WAL
+/// snapshots in parallel; on PostgreSQL both are the same pool.
+#[derive(Clone)]
+pub struct Store {
+    writer: DatabaseConnection,
+    reader: DatabaseConnection,
+}
+
+impl Store {
+    /// Connects to `url` (`sqlite://path?mode=rwc` or `postgres://...`) and
+    /// runs the migrations.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let store = if url.starts_with("sqlite:") {
+            let writer = Database::connect(sqlite_options(url, 1)).await?;
+            Migrator::up(&writer, None).await?;
+            let reader = Database::connect(sqlite_options(url, 8)).await?;
+            Self { writer, reader }
+        } else {
+            let mut options = ConnectOptions::new(url);
+            options
+                .max_connections(16)
+                .connect_timeout(Duration::from_secs(10))
+                .sqlx_logging(false);
+            let pool = Database::connect(options).await?;
+            Migrator::up(&pool, None).await?;
+            Self {
+                writer: pool.clone(),
+                reader: pool,
+            }
+        };
+        Ok(store)
+    }
+
+    // ----- pipelines -----
+
+    /// Stores version 1 of a new pipeline.
+    pub async fn create_pipeline(&self, spec: &PipelineSpec) -> Result<Pipeline> {
+        let txn = self.writer.begin().await?;
+        if latest_version(&txn, &spec.name).await?.is_some() {
+            return Err(StoreError::AlreadyExists {
+                kind: "pipeline",
+                id: spec.name.clone(),
+            });
+        }
+        let stored = insert_pipeline(&txn, spec, 1).await?;
+        txn.commit().await?;
+        Ok(stored)
+    }
+
+    /// Stores the next version of an existing pipeline.
+    pub async fn update_pipeline(&self, spec: &PipelineSpec) -> Result<Pipeline> {
+        let txn = self.writer.begin().await?;
+        let Some(latest) = latest_version(&txn, &spec.name).await? else {
+            return Err(StoreError::NotFound {
+                kind: "pipeline",
+                id: spec.name.clone(),
+            });
+        };
+        let stored = insert_pipeline(&txn, spec, latest + 1).await?;
+        txn.commit().await?;
+        Ok(stored)
+    }
+
+    /// The latest version, or `version` if given.
+    pub async fn get_pipeline(&self, name: &str, version: Option<i64>) -> Result<Pipeline> {
+        let mut query = pipeline::Entity::find().filter(pipeline::Column::Name.eq(name));
+        query = match version {
+            Some(v) => query.filter(pipeline::Column::Version.eq(v)),
+            None => query.order_by_desc(pipeline::Column::Version),
+        };
+        let row = query
+            .one(&self.reader)
+            .await?
+            .ok_or_else(|| StoreError::NotFound {
+                kind: "pipeline",
+                id: match version {
+                    Some(v) => format!("{name}@{v}"),
+                    None => name.to_string(),
+                },
+            })?;
+        pipeline_from_row(row)
+    }
+
+    /// Latest versions of pipelines named after `after_name`, by name.
+    pub async fn list_pipelines(
+        &self,
+        after_name: Option<&str>,
+        limit: u64,
+    ) -> Result<Vec<Pipeline>> {
+        let mut latest = pipeline::Entity::find()
+            .select_only()
+            .column(pipeline::Column::Name)
+            .column_as(pipeline::Column::Version.max(), "version")
+            .group_by(pipeline::Column::Name)
+            .order_by_asc(pipeline::Column::Name)
+            .limit(limit);
+        if let Some(after) = after_name {
+            latest = latest.filter(pipeline::Column::Name.gt(after));
+        }
+        let latest: HashMap<String, i64> = latest
+            .into_tuple()
+            .all(&self.reader)
+            .await?
+            .into_iter()
+            .collect();
+        let rows = pipeline::Entity::find()
+            .filter(pipeline::Column::Name.is_in(latest.keys().cloned()))
+            .order_by_asc(pipeline::Column::Name)
+            .all(&self.reader)
+            .await?;
+        rows.into_iter()
+            .filter(|row| latest.get(&row.name) == Some(&row.version))
+            .map(pipeline_from_row)
+            .collect()
+    }
+
+    /// Deletes every version of a pipeline, unless one of its executions is
+    /// active ([`StoreError::Conflict`]).
+    pub async fn delete_pipeline(&self, name: &str) -> Result<()> {
+        let txn = self.writer.begin().await?;
+        if latest_version(&txn, name).await?.is_none() {
+            return Err(StoreError::NotFound {
+                kind: "pipeline",
+                id: name.to_string(),
+            });
+        }
+        let active = execution::Entity::find()
+            .filter(execution::Column::PipelineName.eq(name))
+            .filter(execution::Column::Status.is_in(ACTIVE_STATUSES.map(ExecutionStatus::as_str)))
+            .limit(1)
+            .one(&txn)
+            .await?;
+        if let Some(active) = active {
+            return Err(StoreError::Conflict(format!(
+                "pipeline '{name}' has an active execution ({} is {}); cancel it or wait for it to finish",
+                active.id, active.status
+            )));
+        }
+        pipeline::Entity::delete_many()
+            .filter(pipeline::Column::Name.eq(name))
+            .exec(&txn)
+            .await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    // ----- executions -----
+
+    /// Stores a new execution with its steps.
+    pub async fn insert_execution(&self, exec: &Execution) -> Result<()> {
+        let txn = self.writer.begin().await?;
+        execution::Entity::insert(execution_row(exec))
+            .exec_without_returning(&txn)
+            .await?;
+        execution_step::Entity::insert_many(
+            exec.steps
+                .iter()
+                .enumerate()
+                .map(|(i, s)| step_row(&exec.id, i, s)),
+        )
+        .exec_without_returning(&txn)
+        .await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// Commits a state change of `exec` in one transaction: the execution
+    /// row, the steps at `changed_steps`, and `events`. With `expect`, the
+    /// write happens only if the stored status is still `expect`.
+    pub async fn save(
+        &self,
+        exec: &Execution,
+        changed_steps: &[usize],
+        events: &[Event],
+        expect: Option<ExecutionStatus>,
+    ) -> Result<()> {
+        let txn = self.writer.begin().await?;
+        let mut update = execution::Entity::update_many()
+            .set(execution_row(exec))
+            .filter(execution::Column::Id.eq(&exec.id));
+        if let Some(expected) = expect {
+            update = update.filter(execution::Column::Status.eq(expected.as_str()));
+        }
+        if update.exec(&txn).await?.rows_affected != 1 {
+            return Err(StoreError::Conflict(format!(
+                "execution '{}' changed concurrently; try again",
+                exec.id
+            )));
+        }
+        if !changed_steps.is_empty() {
+            execution_step::Entity::insert_many(
+                changed_steps
+                    .iter()
+                    .map(|&i| step_row(&exec.id, i, &exec.steps[i])),
+            )
+            .on_conflict(
+                OnConflict::columns([
+                    execution_step::Column::ExecutionId,
+                    execution_step::Column::Name,
+                ])
+                .update_columns([
+                    execution_step::Column::Status,
+                    execution_step::Column::Attempt,
+                    execution_step::Column::StartedAt,
+                    execution_step::Column::FinishedAt,
+                    execution_step::Column::Output,
+                    execution_step::Column::Error,
+                    execution_step::Column::Reason,
+                ])
+                .to_owned(),
+            )
+            .exec_without_returning(&txn)
+            .await?;
+        }
+        if !events.is_empty() {
+            execution_event::Entity::insert_many(events.iter().map(event_row))
+                .exec_without_returning(&txn)
+                .await?;
+        }
+        txn.commit().await?;
+        Ok(())
+    }
+
+    pub async fn get_execution(&self, id: &str) -> Result<Execution> {
+        let row = execution::Entity::find_by_id(id.to_string())
+            .one(&self.reader)
+            .await?
+            .ok_or_else(|| StoreError::NotFound {
+                kind: "execution",
+                id: id.to_string(),
+            })?;
+        let steps = execution_step::Entity::find()
+            .filter(execution_step::Column::ExecutionId.eq(id))
+            .order_by_asc(execution_step::Column::Position)
+            .all(&self.reader)
+            .await?;
+        execution_from_rows(row, steps)
+    }
+
+    /// Status and latest sequence of an execution, without its steps.
+    pub async fn execution_head(&self, id: &str) -> Result<(ExecutionStatus, i64)> {
+        let head: Option<(String, i64)> = execution::Entity::find_by_id(id.to_string())
+            .select_only()
+            .column(execution::Column::Status)
+            .column(execution::Column::LastSequence)
+            .into_tuple()
+            .one(&self.reader)
+            .await?;
+        let (status, sequence) = head.ok_or_else(|| StoreError::NotFound {
+            kind: "execution",
+            id: id.to_string(),
+        })?;
+        Ok((parse_status(&status)?, sequence))
+    }
+
+    /// Executions matching `filter`, newest first; step outputs are left out.
+    pub async fn list_executions(&self, filter: &ExecutionFilter) -> Result<Vec<Execution>> {
+        let mut query = execution::Entity::find()
+            .order_by_desc(execution::Column::Id)
+            .limit(filter.limit);
+        if let Some(name) = &filter.pipeline_name {
+            query = query.filter(execution::Column::PipelineName.eq(name));
+        }
+        if !filter.statuses.is_empty() {
+            query = query.filter(
+                execution::Column::Status.is_in(filter.statuses.iter().map(|s| s.as_str())),
+            );
+        }
+        if let Some(before) = &filter.before_id {
+            query = query.filter(execution::Column::Id.lt(before));
+        }
+        let rows = query.all(&self.reader).await?;
+        let mut steps: HashMap<String, Vec<execution_step::Model>> = HashMap::new();
+        for step in execution_step::Entity::find()
+            .filter(execution_step::Column::ExecutionId.is_in(rows.iter().map(|r| r.id.clone())))
+            .order_by_asc(execution_step::Column::Position)
+            .all(&self.reader)
+            .await?
+        {
+            steps
+                .entry(step.execution_id.clone())
+                .or_default()
+                .push(step);
+        }
+        rows.into_iter()
+            .map(|row| {
+                let mut exec =
+                    execution_from_rows(row.clone(), steps.remove(&row.id).unwrap_or_default())?;
+                exec.steps.iter_mut().for_each(|s| s.output = None);
+                Ok(exec)
+            })
+            .collect()
+    }
+
+    /// Ids of executions that are not finished, oldest first.
+    pub async fn active_execution_ids(&self) -> Result<Vec<String>> {
+        Ok(execution::Entity::find()
+            .select_only()
+            .column(execution::Column::Id)
+            .filter(execution::Column::Status.is_in(ACTIVE_STATUSES.map(ExecutionStatus::as_str)))
+            .order_by_asc(execution::Column::Id)
+            .into_tuple()
+            .all(&self.reader)
+            .await?)
+    }
+
+    /// Up to `limit` events of an execution with a sequence above `after`.
+    pub async fn events_after(&self, id: &str, after: i64, limit: u64) -> Result<Vec<Event>> {
+        execution_event::Entity::find()
+            .filter(execution_event::Column::ExecutionId.eq(id))
+            .filter(execution_event::Column::Sequence.gt(after))
+            .order_by_asc(execution_event::Column::Sequence)
+            .limit(limit)
+            .all(&self.reader)
+            .await?
+            .into_iter()
+            .map(|row| {
+                serde_json::from_value(row.payload)
+                    .map_err(|e| StoreError::Corrupt(format!("event {id}#{}: {e}", row.sequence)))
+            })
+            .collect()
+    }
+}
+
+fn sqlite_options(url: &str, connections: u32) -> ConnectOptions {
+    let mut options = ConnectOptions::new(url);
+    options
+        .max_connections(connections)
+        .min_connections(1)
+        .sqlx_logging(false)
+        .map_sqlx_sqlite_opts(|o| {
+            o.journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_secs(10))
+                .foreign_keys(true)
+        });
+    options
+}
+
+async fn latest_version(db: &impl ConnectionTrait, name: &str) -> Result<Option<i64>> {
+    let version: Option<Option<i64>> = pipeline::Entity::find()
+        .select_only()
+        .column_as(pipeline::Column::Version.max(), "version")
+        .filter(pipeline::Column::Name.eq(name))
+        .into_tuple()
+        .one(db)
+        .await?;
+    Ok(version.flatten())
+}
+
+async fn insert_pipeline(
+    db: &impl ConnectionTrait,
+    spec: &PipelineSpec,
+    version: i64,
+) -> Result<Pipeline> {
+    let created_at = chrono::Utc::now();
+    let definition = serde_json::to_value(spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    pipeline::Entity::insert(pipeline::ActiveModel {
+        name: Set(spec.name.clone()),
+        version: Set(version),
+        description: Set(spec.description.clone()),
+        definition: Set(definition),
+        created_at: Set(created_at),
+        ..Default::default()
+    })
+    .exec_without_returning(db)
+    .await?;
+    Ok(Pipeline {
+        spec: spec.clone(),
+        version,
+        created_at,
+    })
+}
+
+fn pipeline_from_row(row: pipeline::Model) -> Result<Pipeline> {
+    Ok(Pipeline {
+        spec: serde_json::from_value(row.definition).map_err(|e| {
+            StoreError::Corrupt(format!("pipeline {}@{}: {e}", row.name, row.version))
+        })?,
+        version: row.version,
+        created_at: row.created_at,
+    })
+}
+
+fn execution_row(exec: &Execution) -> execution::ActiveModel {
+    execution::ActiveModel {
+        id: Set(exec.id.clone()),
+        pipeline_name: Set(exec.pipeline_name.clone()),
+        pipeline_version: Set(exec.pipeline_version),
+        definition: Set(serde_json::to_value(&exec.definition).unwrap_or(Value::Null)),
+        status: Set(exec.status.as_str().to_string()),
+        trigger_type: Set(exec.trigger.kind.as_str().to_string()),
+        trigger_data: Set(Value::Object(exec.trigger.data.clone())),
+        correlation_id: Set(exec.correlation_id.clone()),
+        labels: Set(serde_json::to_value(&exec.labels).unwrap_or(Value::Null)),
+        input: Set(Value::Object(exec.input.clone())),
+        execution_data: Set(Value::Object(exec.execution_data.clone())),
+        error_message: Set(exec.error_message.clone()),
+        created_at: Set(exec.created_at),
+        started_at: Set(exec.started_at),
+        finished_at: Set(exec.finished_at),
+        last_sequence: Set(exec.last_sequence),
+    }
+}
+
+fn step_row(execution_id: &str, position: usize, step: &StepRun) -> execution_step::ActiveModel {
+    execution_step::ActiveModel {
+        execution_id: Set(execution_id.to_string()),
+        name: Set(step.name.clone()),
+        position: Set(position as i32),
+        status: Set(step.status.as_str().to_string()),
+        attempt: Set(step.attempt as i32),
+        started_at: Set(step.started_at),
+        finished_at: Set(step.finished_at),
+        output: Set(step.output.clone().map(Value::Object)),
+        error: Set(step.error.clone()),
+        reason: Set(step.reason.clone()),
+    }
+}
+
+fn event_row(event: &Event) -> execution_event::ActiveModel {
+    execution_event::ActiveModel {
+        execution_id: Set(event.execution_id.clone()),
+        sequence: Set(event.sequence),
+        event_type: Set(event.kind.as_str().to_string()),
+        payload: Set(serde_json::to_value(event).unwrap_or(Value::Null)),
+        created_at: Set(event.time),
+    }
+}
+
+fn parse_status(text: &str) -> Result<ExecutionStatus> {
+    ExecutionStatus::parse(text)
+        .ok_or_else(|| StoreError::Corrupt(format!("unknown execution status '{text}'")))
+}
+
+fn object(value: Value, what: &str) -> Result<JsonMap> {
+    match value {
+        Value::Object(map) => Ok(map),
+        other => Err(StoreError::Corrupt(format!(
+            "{what} is not an object: {other}"
+        ))),
+    }
+}
+
+fn execution_from_rows(
+    row: execution::Model,
+    steps: Vec<execution_step::Model>,
+) -> Result<Execution> {
+    let corrupt = |what: &str, e: &dyn std::fmt::Display| {
+        StoreError::Corrupt(format!("execution {} {what}: {e}", row.id))
+    };
+    let definition: PipelineSpec =
+        serde_json::from_value(row.definition.clone()).map_err(|e| corrupt("definition", &e))?;
+    let labels: BTreeMap<String, String> =
+        serde_json::from_value(row.labels.clone()).map_err(|e| corrupt("labels", &e))?;
+    let trigger = Trigger {
+        kind: TriggerKind::parse(&row.trigger_type)
+            .ok_or_else(|| corrupt("trigger", &row.trigger_type))?,
+        data: object(row.trigger_data.clone(), "trigger data")?,
+    };
+    let steps = steps
+        .into_iter()
+        .map(|s| {
+            Ok(StepRun {
+                status: StepStatus::parse(&s.status).ok_or_else(|| {
+                    StoreError::Corrupt(format!("unknown step status '{}'", s.status))
+                })?,
+                attempt: s.attempt.max(0) as u32,
+                started_at: s.started_at,
+                finished_at: s.finished_at,
+                output: s.output.map(|o| object(o, "step output")).transpose()?,
+                error: s.error,
+                reason: s.reason,
+                name: s.name,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Execution {
+        status: parse_status(&row.status)?,
+        input: object(row.input, "input")?,
+        execution_data: object(row.execution_data, "execution data")?,
+        id: row.id,
+        pipeline_name: row.pipeline_name,
+        pipeline_version: row.pipeline_version,
+        definition,
+        trigger,
+        correlation_id: row.correlation_id,
+        labels,
+        error_message: row.error_message,
+        created_at: row.created_at,
+        started_at: row.started_at,
+        finished_at: row.finished_at,
+        last_sequence: row.last_sequence,
+        steps,
+    })
+}

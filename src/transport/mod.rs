@@ -1,0 +1,5 @@
+//! Transport: the gRPC service, its conversions and its error table.
+
+pub mod convert;
+pub mod service;
+pub mod status;

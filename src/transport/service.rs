@@ -1,0 +1,270 @@
+//! `pipeline.v1.PipelineService`: each handler validates its request, calls
+//! the engine and converts the answer.
+
+use std::pin::Pin;
+
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status};
+
+use super::convert::{self, Violations};
+use crate::domain::Error;
+use crate::domain::model::RunRequest;
+use crate::engine::Engine;
+use crate::proto::v1 as pb;
+use crate::proto::v1::pipeline_service_server::PipelineService;
+use crate::storage::ExecutionFilter;
+
+const MAX_PAGE_SIZE: i32 = 1000;
+const MAX_CORRELATION_ID_LEN: usize = 256;
+
+/// The gRPC face of the [`Engine`].
+pub struct PipelineApi {
+    engine: Engine,
+}
+
+impl PipelineApi {
+    pub fn new(engine: Engine) -> Self {
+        Self { engine }
+    }
+}
+
+fn required(value: &str, field: &str) -> Result<(), Error> {
+    if value.is_empty() {
+        Err(Error::invalid(field, "is required"))
+    } else {
+        Ok(())
+    }
+}
+
+fn execution_id(value: &str) -> Result<&str, Error> {
+    required(value, "execution_id")?;
+    uuid::Uuid::parse_str(value)
+        .map(|_| value)
+        .map_err(|_| Error::invalid("execution_id", format!("'{value}' is not an execution id")))
+}
+
+fn page_size(value: i32, default: i32) -> Result<u64, Error> {
+    match value {
+        0 => Ok(default as u64),
+        1..=MAX_PAGE_SIZE => Ok(value as u64),
+        _ => Err(Error::invalid(
+            "page_size",
+            format!("must be between 0 and {MAX_PAGE_SIZE}"),
+        )),
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchExecutionResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl PipelineService for PipelineApi {
+    async fn create_pipeline(
+        &self,
+        request: Request<pb::CreatePipelineRequest>,
+    ) -> Result<Response<pb::CreatePipelineResponse>, Status> {
+        let spec = convert::spec_from_proto(request.into_inner().pipeline, "pipeline")?;
+        let pipeline = self
+            .engine
+            .create_pipeline(spec)
+            .await
+            .map_err(|e| convert::prefix_paths(e, "pipeline"))?;
+        Ok(Response::new(pb::CreatePipelineResponse {
+            pipeline: Some(convert::pipeline_to_proto(&pipeline)),
+        }))
+    }
+
+    async fn get_pipeline(
+        &self,
+        request: Request<pb::GetPipelineRequest>,
+    ) -> Result<Response<pb::GetPipelineResponse>, Status> {
+        let request = request.into_inner();
+        required(&request.name, "name")?;
+        let version = match request.version {
+            0 => None,
+            v if v > 0 => Some(v),
+            _ => return Err(Error::invalid("version", "must not be negative").into()),
+        };
+        let pipeline = self.engine.get_pipeline(&request.name, version).await?;
+        Ok(Response::new(pb::GetPipelineResponse {
+            pipeline: Some(convert::pipeline_to_proto(&pipeline)),
+        }))
+    }
+
+    async fn list_pipelines(
+        &self,
+        request: Request<pb::ListPipelinesRequest>,
+    ) -> Result<Response<pb::ListPipelinesResponse>, Status> {
+        let request = request.into_inner();
+        let limit = page_size(request.page_size, 100)?;
+        let after = (!request.page_token.is_empty()).then_some(request.page_token.as_str());
+        let mut pipelines = self.engine.list_pipelines(after, limit + 1).await?;
+        let next_page_token = if pipelines.len() as u64 > limit {
+            pipelines.truncate(limit as usize);
+            pipelines
+                .last()
+                .map(|p| p.spec.name.clone())
+                .unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListPipelinesResponse {
+            pipelines: pipelines.iter().map(convert::pipeline_to_proto).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn update_pipeline(
+        &self,
+        request: Request<pb::UpdatePipelineRequest>,
+    ) -> Result<Response<pb::UpdatePipelineResponse>, Status> {
+        let spec = convert::spec_from_proto(request.into_inner().pipeline, "pipeline")?;
+        let pipeline = self
+            .engine
+            .update_pipeline(spec)
+            .await
+            .map_err(|e| convert::prefix_paths(e, "pipeline"))?;
+        Ok(Response::new(pb::UpdatePipelineResponse {
+            pipeline: Some(convert::pipeline_to_proto(&pipeline)),
+        }))
+    }
+
+    async fn delete_pipeline(
+        &self,
+        request: Request<pb::DeletePipelineRequest>,
+    ) -> Result<Response<pb::DeletePipelineResponse>, Status> {
+        let request = request.into_inner();
+        required(&request.name, "name")?;
+        self.engine.delete_pipeline(&request.name).await?;
+        Ok(Response::new(pb::DeletePipelineResponse {}))
+    }
+
+    async fn run_pipeline(
+        &self,
+        request: Request<pb::RunPipelineRequest>,
+    ) -> Result<Response<pb::RunPipelineResponse>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        if request.pipeline_name.is_empty() {
+            v.add("pipeline_name", "is required");
+        }
+        if request.correlation_id.len() > MAX_CORRELATION_ID_LEN {
+            v.add(
+                "correlation_id",
+                format!("must be at most {MAX_CORRELATION_ID_LEN} bytes"),
+            );
+        }
+        if request.labels.keys().any(String::is_empty) {
+            v.add("labels", "label keys must not be empty");
+        }
+        let input = convert::struct_to_json(request.input, "input", &mut v);
+        let trigger = convert::trigger_from_proto(request.trigger, &mut v);
+        let run = v.into_result(RunRequest {
+            pipeline_name: request.pipeline_name,
+            input,
+            trigger,
+            correlation_id: request.correlation_id,
+            labels: request.labels.into_iter().collect(),
+        })?;
+        let execution = self.engine.run_pipeline(run).await?;
+        Ok(Response::new(pb::RunPipelineResponse {
+            execution: Some(convert::execution_to_proto(&execution)),
+        }))
+    }
+
+    async fn get_execution(
+        &self,
+        request: Request<pb::GetExecutionRequest>,
+    ) -> Result<Response<pb::GetExecutionResponse>, Status> {
+        let request = request.into_inner();
+        let execution = self
+            .engine
+            .get_execution(execution_id(&request.execution_id)?)
+            .await?;
+        Ok(Response::new(pb::GetExecutionResponse {
+            execution: Some(convert::execution_to_proto(&execution)),
+        }))
+    }
+
+    async fn list_executions(
+        &self,
+        request: Request<pb::ListExecutionsRequest>,
+    ) -> Result<Response<pb::ListExecutionsResponse>, Status> {
+        let request = request.into_inner();
+        let limit = page_size(request.page_size, 50)?;
+        let mut v = Violations::default();
+        let statuses = request
+            .statuses
+            .iter()
+            .enumerate()
+            .filter_map(|(i, &s)| {
+                convert::execution_status_from_proto(s, &format!("statuses[{i}]"), &mut v)
+            })
+            .collect();
+        if !request.page_token.is_empty() && uuid::Uuid::parse_str(&request.page_token).is_err() {
+            v.add("page_token", "is not a token this server returned");
+        }
+        let filter = v.into_result(ExecutionFilter {
+            pipeline_name: (!request.pipeline_name.is_empty()).then_some(request.pipeline_name),
+            statuses,
+            before_id: (!request.page_token.is_empty()).then_some(request.page_token),
+            limit: limit + 1,
+        })?;
+        let mut executions = self.engine.list_executions(&filter).await?;
+        let next_page_token = if executions.len() as u64 > limit {
+            executions.truncate(limit as usize);
+            executions.last().map(|e| e.id.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListExecutionsResponse {
+            executions: executions.iter().map(convert::execution_to_proto).collect(),
+            next_page_token,
+        }))
+    }
+
+    async fn cancel_execution(
+        &self,
+        request: Request<pb::CancelExecutionRequest>,
+    ) -> Result<Response<pb::CancelExecutionResponse>, Status> {
+        let request = request.into_inner();
+        let id = execution_id(&request.execution_id)?;
+        let mut v = Violations::default();
+        let mode = convert::cancel_mode_from_proto(request.mode, &mut v);
+        v.into_result(())?;
+        let execution = self.engine.cancel_execution(id, mode).await?;
+        Ok(Response::new(pb::CancelExecutionResponse {
+            execution: Some(convert::execution_to_proto(&execution)),
+        }))
+    }
+
+    async fn retry_execution(
+        &self,
+        request: Request<pb::RetryExecutionRequest>,
+    ) -> Result<Response<pb::RetryExecutionResponse>, Status> {
+        let request = request.into_inner();
+        let id = execution_id(&request.execution_id)?;
+        let from_step = (!request.from_step.is_empty()).then_some(request.from_step.as_str());
+        let execution = self.engine.retry_execution(id, from_step).await?;
+        Ok(Response::new(pb::RetryExecutionResponse {
+            execution: Some(convert::execution_to_proto(&execution)),
+        }))
+    }
+
+    type WatchExecutionStream = WatchStream;
+
+    async fn watch_execution(
+        &self,
+        request: Request<pb::WatchExecutionRequest>,
+    ) -> Result<Response<Self::WatchExecutionStream>, Status> {
+        let request = request.into_inner();
+        let id = execution_id(&request.execution_id)?;
+        let events = self.engine.watch(id, request.after_sequence).await?;
+        let stream = events.map(|item| {
+            item.map(|event| pb::WatchExecutionResponse {
+                event: Some(convert::event_to_proto(&event)),
+            })
+            .map_err(Status::from)
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+}

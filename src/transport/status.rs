@@ -1,0 +1,58 @@
+//! The one table from errors to gRPC statuses.
+
+use tonic::{Code, Status};
+use tonic_types::{ErrorDetails, FieldViolation, PreconditionViolation, StatusExt};
+
+use crate::domain::Error;
+use crate::storage::StoreError;
+
+impl From<Error> for Status {
+    fn from(error: Error) -> Self {
+        let message = error.to_string();
+        match error {
+            Error::InvalidArgument(violations) => Status::with_error_details(
+                Code::InvalidArgument,
+                message,
+                ErrorDetails::with_bad_request(
+                    violations
+                        .into_iter()
+                        .map(|v| FieldViolation::new(v.field, v.description))
+                        .collect::<Vec<_>>(),
+                ),
+            ),
+            Error::NotFound { .. } => Status::not_found(message),
+            Error::AlreadyExists { .. } => Status::already_exists(message),
+            Error::FailedPrecondition(_) => Status::failed_precondition(message),
+            Error::CommandNotAllowed { field, .. } => Status::with_error_details(
+                Code::FailedPrecondition,
+                message.clone(),
+                ErrorDetails::with_precondition_failure(vec![PreconditionViolation::new(
+                    "COMMAND_NOT_ALLOWED",
+                    field,
+                    message,
+                )]),
+            ),
+            Error::ShuttingDown => Status::unavailable(message),
+            Error::Storage(error) => match error {
+                StoreError::NotFound { .. } => Status::not_found(message),
+                StoreError::AlreadyExists { .. } => Status::already_exists(message),
+                StoreError::Conflict(_) => Status::failed_precondition(message),
+                StoreError::Database(ref db) if is_connection_error(db) => {
+                    tracing::warn!(%error, "database unavailable");
+                    Status::unavailable("the database is unavailable; try again")
+                }
+                StoreError::Database(_) | StoreError::Corrupt(_) => {
+                    tracing::error!(%error, "storage failure");
+                    Status::internal("internal storage error")
+                }
+            },
+        }
+    }
+}
+
+fn is_connection_error(error: &sea_orm::DbErr) -> bool {
+    matches!(
+        error,
+        sea_orm::DbErr::ConnectionAcquire(_) | sea_orm::DbErr::Conn(_)
+    )
+}
