@@ -144,6 +144,9 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub allow_commands: Vec<String>,
+    /// How long open calls and streams may go on once shutdown begins.
+    #[arg(long, env = "PIPELINED_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: std::time::Duration,
     /// Log filter, e.g. info or pipelined=debug.
     #[arg(long, env = "PIPELINED_LOG", default_value = "info")]
     pub log: String,
@@ -411,6 +414,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             .into_iter()
             .filter(|p| !p.is_empty())
             .collect(),
+        shutdown_grace: args.shutdown_grace,
     };
     server::serve(config, listener, server::signal()).await?;
     Ok(ExitCode::SUCCESS)

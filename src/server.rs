@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -27,6 +28,9 @@ pub struct ServeConfig {
     pub max_parallel_steps: usize,
     /// Programs `command` steps may run; empty disables command steps.
     pub allow_commands: Vec<String>,
+    /// How long in-flight calls and streams (a health `Watch`, say) may go
+    /// on after shutdown begins before their connections are closed.
+    pub shutdown_grace: Duration,
 }
 
 impl ServeConfig {
@@ -84,6 +88,7 @@ pub async fn serve(
 
     tracing::info!(addr = %listener.local_addr()?, database = %redact(&url), recovered, "pipelined serving");
     let stopping = engine.shutdown_token();
+    let (began, shutdown_began) = tokio::sync::oneshot::channel();
     let on_shutdown = async move {
         shutdown.await;
         tracing::info!("shutting down");
@@ -94,14 +99,27 @@ pub async fn serve(
             .set_not_serving::<PipelineServiceServer<PipelineApi>>()
             .await;
         stopping.cancel();
+        let _ = began.send(());
     };
-    tonic::transport::Server::builder()
+    let serving = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(PipelineServiceServer::new(PipelineApi::new(engine.clone())))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), on_shutdown)
-        .await?;
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), on_shutdown);
+    let grace_over = async {
+        match shutdown_began.await {
+            Ok(()) => tokio::time::sleep(config.shutdown_grace).await,
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        served = serving => served?,
+        _ = grace_over => tracing::warn!(
+            grace = ?config.shutdown_grace,
+            "closing connections still open after the shutdown grace period"
+        ),
+    }
     engine.shutdown().await;
     tracing::info!("stopped");
     Ok(())

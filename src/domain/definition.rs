@@ -36,6 +36,7 @@ pub struct PipelineSpec {
 
 /// One step of a pipeline.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "RawStep")]
 pub struct StepSpec {
     pub name: String,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -49,6 +50,73 @@ pub struct StepSpec {
     /// Written as one key named after the kind: `sleep: {duration: 2s}`.
     #[serde(flatten)]
     pub kind: StepKind,
+}
+
+/// A step as written, before its one kind key is picked out; this gives
+/// clearer errors than serde's flattened enums.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    name: String,
+    #[serde(default)]
+    needs: Vec<String>,
+    #[serde(default, with = "opt_duration")]
+    timeout: Option<Duration>,
+    #[serde(default)]
+    noop: Option<serde_json::Value>,
+    #[serde(default)]
+    sleep: Option<serde_json::Value>,
+    #[serde(default)]
+    fail: Option<serde_json::Value>,
+    #[serde(default)]
+    set: Option<serde_json::Value>,
+    #[serde(default)]
+    command: Option<serde_json::Value>,
+}
+
+impl TryFrom<RawStep> for StepSpec {
+    type Error = String;
+
+    fn try_from(raw: RawStep) -> Result<Self, String> {
+        let kinds: Vec<(&str, serde_json::Value)> = [
+            ("noop", raw.noop),
+            ("sleep", raw.sleep),
+            ("fail", raw.fail),
+            ("set", raw.set),
+            ("command", raw.command),
+        ]
+        .into_iter()
+        .filter_map(|(key, value)| value.map(|v| (key, v)))
+        .collect();
+        let name = &raw.name;
+        let (key, config) = match <[_; 1]>::try_from(kinds) {
+            Ok([(key, config)]) => (key, config),
+            Err(kinds) if kinds.is_empty() => {
+                return Err(format!(
+                    "step '{name}' needs a kind: one of noop, sleep, fail, set, command"
+                ));
+            }
+            Err(kinds) => {
+                let keys: Vec<&str> = kinds.iter().map(|(k, _)| *k).collect();
+                return Err(format!(
+                    "step '{name}' has more than one kind: {}",
+                    keys.join(", ")
+                ));
+            }
+        };
+        let config = match config {
+            serde_json::Value::Null => serde_json::Value::Object(Default::default()),
+            other => other,
+        };
+        let kind = serde_json::from_value(serde_json::json!({ key: config }))
+            .map_err(|e| format!("step '{name}': {key}: {e}"))?;
+        Ok(StepSpec {
+            name: raw.name,
+            needs: raw.needs,
+            timeout: raw.timeout,
+            kind,
+        })
+    }
 }
 
 /// What a step does.
@@ -190,7 +258,7 @@ impl PipelineSpec {
                 StepKind::Sleep { duration } if *duration > MAX_SLEEP => {
                     violations.push(FieldViolation::new(
                         format!("steps[{i}].sleep.duration"),
-                        format!("must be at most {}", humantime::format_duration(MAX_SLEEP)),
+                        "must be at most 24 hours",
                     ));
                 }
                 StepKind::Command(command) if command.program.trim().is_empty() => {

@@ -1,0 +1,265 @@
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use pipelined::domain::definition::PipelineSpec;
+use pipelined::proto::v1 as pb;
+use pipelined::proto::v1::pipeline_service_client::PipelineServiceClient;
+use pipelined::server::{ServeConfig, serve};
+use pipelined::transport::convert;
+use serde_json::Value;
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tonic::transport::Channel;
+
+pub type Client = PipelineServiceClient<Channel>;
+
+/// How long any test waits for an execution before declaring it stuck.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// A running server and a client connected to it.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub client: Client,
+    dir: Option<TempDir>,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// Starts a server that allows `sh` in command steps.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_in(TempDir::new().expect("temp dir"), vec!["sh".to_string()]).await
+}
+
+/// Starts a server with its database in `dir`.
+pub async fn spawn_app_in(dir: TempDir, allow_commands: Vec<String>) -> TestApp {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().unwrap();
+    let config = ServeConfig {
+        listen: addr,
+        data_dir: dir.path().join("data"),
+        database_url: None,
+        max_parallel_steps: 16,
+        allow_commands,
+        shutdown_grace: Duration::from_secs(1),
+    };
+    let (tx, rx) = oneshot::channel::<()>();
+    let handle = tokio::spawn(serve(config, listener, async move {
+        let _ = rx.await;
+    }));
+    let client = connect(addr).await;
+    TestApp {
+        addr,
+        client,
+        dir: Some(dir),
+        shutdown: Some(tx),
+        handle: Some(handle),
+    }
+}
+
+pub async fn connect(addr: SocketAddr) -> Client {
+    let endpoint = format!("http://{addr}");
+    for _ in 0..100 {
+        if let Ok(client) = PipelineServiceClient::connect(endpoint.clone()).await {
+            return client;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("server at {addr} never accepted a connection");
+}
+
+impl TestApp {
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The server's temporary directory (its database lives in `data/`).
+    pub fn dir(&self) -> &Path {
+        self.dir.as_ref().expect("directory").path()
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir().join(name)
+    }
+
+    /// A channel for other services served on the same port.
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.endpoint())
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect")
+    }
+
+    /// Shuts the server down gracefully and hands back its data directory.
+    pub async fn stop(mut self) -> TempDir {
+        let _ = self.shutdown.take().unwrap().send(());
+        tokio::time::timeout(PATIENCE, self.handle.take().unwrap())
+            .await
+            .expect("server stops in time")
+            .expect("server task")
+            .expect("server exits cleanly");
+        self.dir.take().unwrap()
+    }
+
+    pub async fn create(&self, yaml: &str) -> pb::Pipeline {
+        self.client
+            .clone()
+            .create_pipeline(pb::CreatePipelineRequest {
+                pipeline: Some(pipeline(yaml)),
+            })
+            .await
+            .expect("create pipeline")
+            .into_inner()
+            .pipeline
+            .unwrap()
+    }
+
+    pub async fn run(&self, name: &str, input: Value) -> pb::Execution {
+        self.client
+            .clone()
+            .run_pipeline(pb::RunPipelineRequest {
+                pipeline_name: name.to_string(),
+                input: Some(to_struct(input)),
+                ..Default::default()
+            })
+            .await
+            .expect("run pipeline")
+            .into_inner()
+            .execution
+            .unwrap()
+    }
+
+    pub async fn get(&self, id: &str) -> pb::Execution {
+        self.client
+            .clone()
+            .get_execution(pb::GetExecutionRequest {
+                execution_id: id.to_string(),
+            })
+            .await
+            .expect("get execution")
+            .into_inner()
+            .execution
+            .unwrap()
+    }
+
+    /// Every event after `after` until the stream closes.
+    pub async fn events(&self, id: &str, after: i64) -> Vec<pb::ExecutionEvent> {
+        let mut stream = self
+            .client
+            .clone()
+            .watch_execution(pb::WatchExecutionRequest {
+                execution_id: id.to_string(),
+                after_sequence: after,
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        let mut events = Vec::new();
+        tokio::time::timeout(PATIENCE, async {
+            while let Some(message) = stream.message().await.expect("watch stream") {
+                events.push(message.event.unwrap());
+            }
+        })
+        .await
+        .expect("execution finishes in time");
+        events
+    }
+
+    /// Waits for the execution to end and returns it.
+    pub async fn finish(&self, id: &str) -> pb::Execution {
+        self.events(id, 0).await;
+        self.get(id).await
+    }
+
+    /// Watches until an event matches, returning the events so far.
+    pub async fn wait_for(
+        &self,
+        id: &str,
+        matches: impl Fn(&pb::ExecutionEvent) -> bool,
+    ) -> Vec<pb::ExecutionEvent> {
+        let mut stream = self
+            .client
+            .clone()
+            .watch_execution(pb::WatchExecutionRequest {
+                execution_id: id.to_string(),
+                after_sequence: 0,
+            })
+            .await
+            .expect("watch")
+            .into_inner();
+        let mut events = Vec::new();
+        tokio::time::timeout(PATIENCE, async {
+            while let Some(message) = stream.message().await.expect("watch stream") {
+                let event = message.event.unwrap();
+                let done = matches(&event);
+                events.push(event);
+                if done {
+                    return;
+                }
+            }
+            panic!("stream ended before the awaited event: {events:#?}");
+        })
+        .await
+        .expect("awaited event arrives in time");
+        events
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// A pipeline message from YAML, the way the CLI reads files.
+pub fn pipeline(yaml: &str) -> pb::Pipeline {
+    let spec: PipelineSpec = serde_yaml_ng::from_str(yaml).expect("test pipeline YAML");
+    convert::spec_to_proto(&spec)
+}
+
+pub fn to_struct(value: Value) -> prost_types::Struct {
+    convert::json_to_struct(value.as_object().expect("a JSON object"))
+}
+
+pub fn to_json(value: &Option<prost_types::Struct>) -> Value {
+    let mut violations = convert::Violations::default();
+    Value::Object(convert::struct_to_json(value.clone(), "", &mut violations))
+}
+
+pub fn step<'a>(execution: &'a pb::Execution, name: &str) -> &'a pb::StepRun {
+    execution
+        .steps
+        .iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no step {name}"))
+}
+
+pub fn status(execution: &pb::Execution) -> pb::ExecutionStatus {
+    pb::ExecutionStatus::try_from(execution.status).unwrap()
+}
+
+pub fn step_status(step: &pb::StepRun) -> pb::StepStatus {
+    pb::StepStatus::try_from(step.status).unwrap()
+}
+
+pub fn event_type(event: &pb::ExecutionEvent) -> pb::EventType {
+    pb::EventType::try_from(event.r#type).unwrap()
+}
+
+pub fn millis(t: &Option<prost_types::Timestamp>) -> i64 {
+    let t = t.as_ref().expect("timestamp");
+    t.seconds * 1000 + i64::from(t.nanos) / 1_000_000
+}
+
+/// Asserts sequences are exactly `from..=to` in order.
+pub fn assert_gapless(events: &[pb::ExecutionEvent], from: i64) {
+    let sequences: Vec<i64> = events.iter().map(|e| e.sequence).collect();
+    let expected: Vec<i64> = (from..from + events.len() as i64).collect();
+    assert_eq!(sequences, expected, "event sequences must be gapless");
+}

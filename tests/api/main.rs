@@ -1,0 +1,11 @@
+//! Integration tests: a real server on port 0 with a SQLite file in a temp
+//! dir, spoken to with the generated tonic client over TCP.
+
+mod cancel_retry;
+mod cli;
+mod executions;
+mod helpers;
+mod pipelines;
+mod service;
+mod validation;
+mod watch;
