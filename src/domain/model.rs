@@ -137,9 +137,20 @@ impl StepRun {
         )
     }
 
+    /// Moves the step to `next`; the state machine must allow it.
+    pub fn set_status(&mut self, next: StepStatus) {
+        debug_assert!(
+            self.status.can_become(next),
+            "step {}: {} -> {next}",
+            self.name,
+            self.status
+        );
+        self.status = next;
+    }
+
     /// Puts the step back to pending for another attempt.
     pub fn reset(&mut self) {
-        self.status = StepStatus::Pending;
+        self.set_status(StepStatus::Pending);
         self.finished_at = None;
         self.output = None;
         self.error.clear();
@@ -148,6 +159,17 @@ impl StepRun {
 }
 
 impl Execution {
+    /// Moves the execution to `next`; the state machine must allow it.
+    pub fn set_status(&mut self, next: ExecutionStatus) {
+        debug_assert!(
+            self.status.can_become(next),
+            "execution {}: {} -> {next}",
+            self.id,
+            self.status
+        );
+        self.status = next;
+    }
+
     pub fn progress(&self) -> Progress {
         Progress {
             done: self.steps.iter().filter(|s| s.status.is_final()).count() as u32,

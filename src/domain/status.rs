@@ -10,7 +10,8 @@
 //! failed, cancelled ──retry──▶ running ◀───────╯
 //! ```
 //! Step: pending → running → succeeded | failed | cancelled; pending →
-//! skipped | cancelled; and back to pending by a retry.
+//! skipped | cancelled; back to pending by a retry, and running → pending
+//! when a server restart interrupted the attempt (it runs again).
 
 use serde::{Deserialize, Serialize};
 
@@ -144,7 +145,7 @@ impl StepStatus {
         matches!(
             (self, next),
             (Pending, Running | Skipped | Cancelled)
-                | (Running, Succeeded | Failed | Cancelled)
+                | (Running, Pending | Succeeded | Failed | Cancelled)
                 | (Succeeded | Failed | Skipped | Cancelled, Pending)
         )
     }

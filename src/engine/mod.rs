@@ -252,7 +252,7 @@ impl Engine {
         for &i in &changed {
             exec.steps[i].reset();
         }
-        exec.status = ExecutionStatus::Running;
+        exec.set_status(ExecutionStatus::Running);
         exec.finished_at = None;
         exec.error_message.clear();
         exec.recompute_data(&graph);

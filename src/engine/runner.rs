@@ -89,7 +89,7 @@ impl Runner {
         let now = Utc::now();
         match self.exec.status {
             ExecutionStatus::Pending => {
-                self.exec.status = ExecutionStatus::Running;
+                self.exec.set_status(ExecutionStatus::Running);
                 self.exec.started_at.get_or_insert(now);
                 events.push(self.event(EventKind::ExecutionStarted, None));
             }
@@ -172,9 +172,12 @@ impl Runner {
         let mut events = Vec::with_capacity(ready.len());
         for &i in &ready {
             let step = &mut self.exec.steps[i];
-            step.reset();
-            step.status = StepStatus::Running;
+            step.set_status(StepStatus::Running);
             step.attempt += 1;
+            step.finished_at = None;
+            step.output = None;
+            step.error.clear();
+            step.reason.clear();
             step.started_at = Some(now);
             let mut event = self.event(EventKind::StepStarted, Some(i));
             event.attempt = self.exec.steps[i].attempt;
@@ -221,20 +224,20 @@ impl Runner {
         step.finished_at = Some(Utc::now());
         let kind = match done.outcome {
             StepOutcome::Succeeded(output) => {
-                step.status = StepStatus::Succeeded;
+                step.set_status(StepStatus::Succeeded);
                 step.output = Some(output);
                 self.exec.recompute_data(&self.graph);
                 EventKind::StepSucceeded
             }
             StepOutcome::Failed(error) => {
-                step.status = StepStatus::Failed;
+                step.set_status(StepStatus::Failed);
                 step.error = error;
                 self.failure
                     .get_or_insert_with(|| format!("step '{}' failed: {}", step.name, step.error));
                 EventKind::StepFailed
             }
             StepOutcome::Cancelled(reason) => {
-                step.status = StepStatus::Cancelled;
+                step.set_status(StepStatus::Cancelled);
                 step.reason = reason;
                 EventKind::StepCancelled
             }
@@ -263,7 +266,7 @@ impl Runner {
                     let _ = reply.send(Err(e));
                     return true;
                 }
-                self.exec.status = target;
+                self.exec.set_status(target);
                 let mut event = self.event(EventKind::ExecutionCancelRequested, None);
                 event.message = mode.as_str().to_string();
                 if !self.commit(&[], vec![event]).await {
@@ -326,14 +329,14 @@ impl Runner {
         let mut events = Vec::new();
         for &i in &pending {
             let step = &mut self.exec.steps[i];
-            step.status = step_status;
+            step.set_status(step_status);
             step.reason = reason.clone();
             step.finished_at = Some(now);
             let mut event = self.event(step_event, Some(i));
             event.message = reason.clone();
             events.push(event);
         }
-        self.exec.status = outcome;
+        self.exec.set_status(outcome);
         self.exec.finished_at = Some(now);
         self.exec.error_message = match outcome {
             ExecutionStatus::Cancelled => match &self.failure {
@@ -394,6 +397,9 @@ impl Runner {
 
     /// Commits, then publishes. Returns false if the server is stopping.
     async fn commit(&mut self, changed: &[usize], events: Vec<Event>) -> bool {
+        if changed.is_empty() && events.is_empty() {
+            return true;
+        }
         if !self.persist(changed, &events).await {
             return false;
         }
