@@ -7,7 +7,12 @@ use std::{env, path::PathBuf};
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let protos = ["proto/pipeline/v1/pipeline.proto"];
+    // error_details.proto is only served by reflection; tonic-types already
+    // provides its Rust types.
+    let protos = [
+        "proto/pipeline/v1/pipeline.proto",
+        "proto/google/rpc/error_details.proto",
+    ];
     println!("cargo:rerun-if-changed=proto");
 
     let descriptor_set = protox::compile(protos, ["proto"])?;

@@ -95,6 +95,12 @@ async fn reflection_lists_and_describes_the_services() {
         panic!("expected file descriptors")
     };
     assert!(!files.file_descriptor_proto.is_empty());
+    let Some(MessageResponse::FileDescriptorResponse(details)) =
+        responses.message().await.unwrap().unwrap().message_response
+    else {
+        panic!("expected the error details descriptor")
+    };
+    assert!(!details.file_descriptor_proto.is_empty());
 }
 
 #[tokio::test]
