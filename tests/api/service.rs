@@ -56,29 +56,32 @@ async fn health_reports_serving_overall_and_per_service() {
     stopping.await.unwrap();
 }
 
-#[tokio::test]
-async fn reflection_lists_and_describes_the_services() {
-    let app = spawn_app().await;
+/// One reflection request on its own stream, as grpcurl sends them.
+async fn reflect(app: &TestApp, request: MessageRequest) -> MessageResponse {
     let mut reflection = ServerReflectionClient::new(app.channel().await);
-    let requests = tokio_stream::iter([
-        ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(MessageRequest::ListServices(String::new())),
-        },
-        ServerReflectionRequest {
-            host: String::new(),
-            message_request: Some(MessageRequest::FileContainingSymbol(
-                "pipeline.v1.PipelineService".into(),
-            )),
-        },
-    ]);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(request),
+    };
     let mut responses = reflection
-        .server_reflection_info(requests)
+        .server_reflection_info(tokio_stream::iter([request]))
         .await
         .unwrap()
         .into_inner();
-    let Some(MessageResponse::ListServicesResponse(list)) =
-        responses.message().await.unwrap().unwrap().message_response
+    responses
+        .message()
+        .await
+        .unwrap()
+        .expect("a reflection response")
+        .message_response
+        .unwrap()
+}
+
+#[tokio::test]
+async fn reflection_lists_and_describes_the_services() {
+    let app = spawn_app().await;
+    let MessageResponse::ListServicesResponse(list) =
+        reflect(&app, MessageRequest::ListServices(String::new())).await
     else {
         panic!("expected a service list")
     };
@@ -89,18 +92,15 @@ async fn reflection_lists_and_describes_the_services() {
             "{expected} missing from {names:?}"
         );
     }
-    let Some(MessageResponse::FileDescriptorResponse(files)) =
-        responses.message().await.unwrap().unwrap().message_response
-    else {
-        panic!("expected file descriptors")
-    };
-    assert!(!files.file_descriptor_proto.is_empty());
-    let Some(MessageResponse::FileDescriptorResponse(details)) =
-        responses.message().await.unwrap().unwrap().message_response
-    else {
-        panic!("expected the error details descriptor")
-    };
-    assert!(!details.file_descriptor_proto.is_empty());
+    // The API and the error details it sends are both described, so
+    // grpcurl can call it and decode field violations without proto files.
+    for symbol in ["pipeline.v1.PipelineService", "google.rpc.BadRequest"] {
+        let response = reflect(&app, MessageRequest::FileContainingSymbol(symbol.into())).await;
+        let MessageResponse::FileDescriptorResponse(files) = response else {
+            panic!("expected file descriptors for {symbol}, got {response:?}")
+        };
+        assert!(!files.file_descriptor_proto.is_empty(), "{symbol}");
+    }
 }
 
 #[tokio::test]
