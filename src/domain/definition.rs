@@ -62,16 +62,21 @@ struct RawStep {
     needs: Vec<String>,
     #[serde(default, with = "opt_duration")]
     timeout: Option<Duration>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     noop: Option<serde_json::Value>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     sleep: Option<serde_json::Value>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     fail: Option<serde_json::Value>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     set: Option<serde_json::Value>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     command: Option<serde_json::Value>,
+}
+
+/// Keeps a key written with no value (`noop:`) as present.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<serde_json::Value>, D::Error> {
+    serde_json::Value::deserialize(d).map(Some)
 }
 
 impl TryFrom<RawStep> for StepSpec {
@@ -121,7 +126,7 @@ impl TryFrom<RawStep> for StepSpec {
 
 /// What a step does.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum StepKind {
     Noop {},
     Sleep {
@@ -541,5 +546,25 @@ mod tests {
         assert_eq!(g.order, vec![1, 0, 2]);
         assert_eq!(g.ancestors(0), vec![1]);
         assert_eq!(g.downstream(1), vec![0, 1]);
+    }
+}
+
+#[cfg(test)]
+mod kind_tests {
+    use super::*;
+
+    #[test]
+    fn bare_noop_is_accepted_and_typos_in_a_kind_are_refused() {
+        let p: PipelineSpec =
+            serde_yaml_ng::from_str("name: p\nsteps:\n- name: a\n  noop:\n").unwrap();
+        assert_eq!(p.steps[0].kind, StepKind::Noop {});
+        let typo = serde_yaml_ng::from_str::<PipelineSpec>(
+            "name: p\nsteps:\n- {name: a, fail: {mesage: x}}\n",
+        );
+        assert!(
+            typo.unwrap_err()
+                .to_string()
+                .contains("unknown field `mesage`")
+        );
     }
 }

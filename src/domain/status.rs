@@ -129,7 +129,7 @@ impl ExecutionStatus {
             Ok(())
         } else {
             Err(Error::FailedPrecondition(format!(
-                "cannot {action} an execution that is {self} (it would have to become {next})"
+                "cannot {action} an execution that is {self} (it cannot become {next})"
             )))
         }
     }

@@ -210,3 +210,20 @@ async fn delete_is_refused_while_an_execution_is_active() {
         pb::ExecutionStatus::Succeeded
     );
 }
+
+#[tokio::test]
+async fn the_readme_examples_are_valid_and_run() {
+    let app = spawn_app().await;
+    for name in ["hello", "etl"] {
+        let path = format!("{}/examples/{name}.yaml", env!("CARGO_MANIFEST_DIR"));
+        let created = app.create(&std::fs::read_to_string(&path).unwrap()).await;
+        let execution = app.run(&created.name, json!({})).await;
+        let done = app.finish(&execution.id).await;
+        assert_eq!(
+            status(&done),
+            pb::ExecutionStatus::Succeeded,
+            "{path}: {}",
+            done.error_message
+        );
+    }
+}
