@@ -193,6 +193,17 @@ pub async fn main(cli: Cli) -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if !matches!(cli.command, Command::Serve(_)) {
+        // Like other terminal tools, end quietly when a reader such as
+        // `head` closes the pipe, instead of panicking in println!.
+        // SAFETY: called before any other thread writes to stdout.
+        unsafe {
+            let _ = nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGPIPE,
+                nix::sys::signal::SigHandler::SigDfl,
+            );
+        }
+    }
     match cli.command {
         Command::Serve(args) => serve(args).await,
         Command::Apply { file, client } => apply(&file, &client).await,
