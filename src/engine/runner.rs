@@ -129,7 +129,9 @@ impl Runner {
             if self.running.is_empty() {
                 return self.finish().await;
             }
+            // Biased: a finished attempt is recorded before a shutdown is noticed.
             tokio::select! {
+                biased;
                 Some(done) = self.finished_rx.recv() => {
                     if !self.on_step_finished(done).await {
                         return self.abandon().await;

@@ -69,7 +69,13 @@ pub(super) async fn watch(shared: Arc<Shared>, id: &str, after: i64) -> Result<W
             loop {
                 tokio::select! {
                     received = subscription.receiver().recv() => match received {
-                        Ok(event) if event.sequence <= sent => {}
+                        // Already sent, or before `after_sequence`; a terminal
+                        // event there still ends a watch that started past the end.
+                        Ok(event) if event.sequence <= sent => {
+                            if event.kind.is_terminal() {
+                                return;
+                            }
+                        }
                         Ok(event) if event.sequence == sent + 1 => {
                             sent = event.sequence;
                             let terminal = event.kind.is_terminal();

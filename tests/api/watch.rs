@@ -154,3 +154,11 @@ async fn a_watcher_that_stops_reading_does_not_hold_anyone_up() {
     assert_gapless(&late, 1);
     assert_eq!(summary(&late), summary(&events));
 }
+
+#[tokio::test]
+async fn a_watch_that_starts_past_the_end_closes_with_the_execution() {
+    let app = spawn_app().await;
+    app.create(CHAIN).await;
+    let execution = app.run("chain", json!({})).await;
+    assert!(app.events(&execution.id, 1000).await.is_empty());
+}
