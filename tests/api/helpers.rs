@@ -146,10 +146,13 @@ impl TestApp {
             .unwrap()
     }
 
-    /// Every event after `after` until the stream closes.
-    pub async fn events(&self, id: &str, after: i64) -> Vec<pb::ExecutionEvent> {
-        let mut stream = self
-            .client
+    /// Opens a WatchExecution stream.
+    pub async fn watch(
+        &self,
+        id: &str,
+        after: i64,
+    ) -> tonic::Streaming<pb::WatchExecutionResponse> {
+        self.client
             .clone()
             .watch_execution(pb::WatchExecutionRequest {
                 execution_id: id.to_string(),
@@ -157,7 +160,12 @@ impl TestApp {
             })
             .await
             .expect("watch")
-            .into_inner();
+            .into_inner()
+    }
+
+    /// Every event after `after` until the stream closes.
+    pub async fn events(&self, id: &str, after: i64) -> Vec<pb::ExecutionEvent> {
+        let mut stream = self.watch(id, after).await;
         let mut events = Vec::new();
         tokio::time::timeout(PATIENCE, async {
             while let Some(message) = stream.message().await.expect("watch stream") {
@@ -181,16 +189,7 @@ impl TestApp {
         id: &str,
         matches: impl Fn(&pb::ExecutionEvent) -> bool,
     ) -> Vec<pb::ExecutionEvent> {
-        let mut stream = self
-            .client
-            .clone()
-            .watch_execution(pb::WatchExecutionRequest {
-                execution_id: id.to_string(),
-                after_sequence: 0,
-            })
-            .await
-            .expect("watch")
-            .into_inner();
+        let mut stream = self.watch(id, 0).await;
         let mut events = Vec::new();
         tokio::time::timeout(PATIENCE, async {
             while let Some(message) = stream.message().await.expect("watch stream") {

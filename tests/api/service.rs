@@ -115,16 +115,7 @@ async fn a_restart_resumes_unfinished_executions_with_gapless_events() {
     .await;
 
     // Graceful shutdown mid-step: watchers are told to come back later.
-    let mut watcher = app
-        .client
-        .clone()
-        .watch_execution(pb::WatchExecutionRequest {
-            execution_id: execution.id.clone(),
-            after_sequence: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut watcher = app.watch(&execution.id, 0).await;
     let dir = app.stop().await;
     let mut seen = 0;
     let ended = loop {

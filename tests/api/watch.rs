@@ -62,19 +62,10 @@ async fn a_watcher_that_reconnects_gets_exactly_the_missed_events() {
     let app = spawn_app().await;
     app.create(CHAIN).await;
     let execution = app.run("chain", json!({})).await;
+    let reference_stream = app.watch(&execution.id, 0).await;
     let reference = tokio::spawn({
-        let app_client = app.client.clone();
-        let id = execution.id.clone();
         async move {
-            let mut stream = app_client
-                .clone()
-                .watch_execution(pb::WatchExecutionRequest {
-                    execution_id: id,
-                    after_sequence: 0,
-                })
-                .await
-                .unwrap()
-                .into_inner();
+            let mut stream = reference_stream;
             let mut events = Vec::new();
             while let Some(m) = stream.message().await.unwrap() {
                 events.push(m.event.unwrap());
@@ -127,16 +118,7 @@ async fn a_watcher_that_stops_reading_does_not_hold_anyone_up() {
     ))
     .await;
     let execution = app.run("wide", json!({})).await;
-    let mut idle = app
-        .client
-        .clone()
-        .watch_execution(pb::WatchExecutionRequest {
-            execution_id: execution.id.clone(),
-            after_sequence: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let mut idle = app.watch(&execution.id, 0).await;
 
     // The execution and an attentive watcher finish while the idle one sleeps.
     let events = app.events(&execution.id, 0).await;
