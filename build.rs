@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // provides its Rust types.
     let protos = [
         "proto/pipeline/v1/pipeline.proto",
+        "proto/pipeline/v1/worker.proto",
         "proto/google/rpc/error_details.proto",
     ];
     println!("cargo:rerun-if-changed=proto");

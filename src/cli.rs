@@ -56,6 +56,10 @@ pub enum Command {
         /// Labels, as key=value (repeatable).
         #[arg(long = "label", value_parser = parse_label)]
         labels: Vec<(String, String)>,
+        /// Idempotency key: running again with the same key returns the
+        /// same execution instead of starting another.
+        #[arg(long)]
+        request_id: Option<String>,
         /// Follow the execution until it ends; exit non-zero unless it succeeds.
         #[arg(long)]
         watch: bool,
@@ -76,6 +80,12 @@ pub enum Command {
         /// Only executions in these statuses (repeatable), e.g. running.
         #[arg(long = "status")]
         statuses: Vec<String>,
+        /// Only executions with this correlation id.
+        #[arg(long)]
+        correlation_id: Option<String>,
+        /// Only executions with this label, as key=value (repeatable).
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
         /// How many to show.
         #[arg(long, default_value_t = 20)]
         limit: i32,
@@ -108,6 +118,18 @@ pub enum Command {
         /// Stop running steps now (command steps' process groups are killed).
         #[arg(long)]
         terminate: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Pause an execution: running steps finish, no new step starts.
+    Pause {
+        execution_id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Resume a paused execution.
+    Resume {
+        execution_id: String,
         #[command(flatten)]
         client: ClientArgs,
     },
@@ -147,6 +169,9 @@ pub struct ServeArgs {
     /// How long open calls and streams may go on once shutdown begins.
     #[arg(long, env = "PIPELINED_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: std::time::Duration,
+    /// How long a watch stream may stay silent before a heartbeat is sent.
+    #[arg(long, env = "PIPELINED_HEARTBEAT", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub heartbeat: std::time::Duration,
     /// Log filter, e.g. info or pipelined=debug.
     #[arg(long, env = "PIPELINED_LOG", default_value = "info")]
     pub log: String,
@@ -212,6 +237,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             input,
             correlation_id,
             labels,
+            request_id,
             watch,
             client,
         } => {
@@ -228,6 +254,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     }),
                     correlation_id: correlation_id.unwrap_or_default(),
                     labels: labels.into_iter().collect(),
+                    request_id: request_id.unwrap_or_default(),
                 })
                 .await?
                 .into_inner()
@@ -260,6 +287,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::List {
             pipeline,
             statuses,
+            correlation_id,
+            labels,
             limit,
             client,
         } => {
@@ -281,6 +310,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     statuses,
                     page_size: limit,
                     page_token: String::new(),
+                    correlation_id: correlation_id.unwrap_or_default(),
+                    labels: labels.into_iter().collect(),
                 })
                 .await?
                 .into_inner()
@@ -362,6 +393,34 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let mut api = connect(&client).await?;
             watch_events(&mut api, &execution_id, after, client.output).await
         }
+        Command::Pause {
+            execution_id,
+            client,
+        } => {
+            let execution = connect(&client)
+                .await?
+                .pause_execution(pb::PauseExecutionRequest { execution_id })
+                .await?
+                .into_inner()
+                .execution
+                .unwrap_or_default();
+            print_execution(&execution, client.output);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Resume {
+            execution_id,
+            client,
+        } => {
+            let execution = connect(&client)
+                .await?
+                .resume_execution(pb::ResumeExecutionRequest { execution_id })
+                .await?
+                .into_inner()
+                .execution
+                .unwrap_or_default();
+            print_execution(&execution, client.output);
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Cancel {
             execution_id,
             terminate,
@@ -426,6 +485,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             .filter(|p| !p.is_empty())
             .collect(),
         shutdown_grace: args.shutdown_grace,
+        heartbeat_interval: args.heartbeat,
     };
     server::serve(config, listener, server::signal()).await?;
     Ok(ExitCode::SUCCESS)

@@ -12,6 +12,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic_health::ServingStatus;
 
 use crate::domain::definition::CommandPolicy;
+use crate::domain::limits;
 use crate::engine::{Engine, EngineConfig};
 use crate::proto::v1::pipeline_service_server::PipelineServiceServer;
 use crate::storage::Store;
@@ -31,6 +32,8 @@ pub struct ServeConfig {
     /// How long in-flight calls and streams (a health `Watch`, say) may go
     /// on after shutdown begins before their connections are closed.
     pub shutdown_grace: Duration,
+    /// How long a watch stream may stay silent before a heartbeat is sent.
+    pub heartbeat_interval: Duration,
 }
 
 impl ServeConfig {
@@ -66,8 +69,11 @@ pub async fn serve(
         EngineConfig {
             max_parallel_steps: config.max_parallel_steps.max(1),
             commands: CommandPolicy::new(config.allow_commands.clone()),
+            process_dir: Some(config.data_dir.join("processes")),
+            heartbeat_interval: config.heartbeat_interval,
         },
-    );
+    )
+    .with_context(|| format!("cannot use data directory {}", config.data_dir.display()))?;
     let recovered = engine
         .recover()
         .await
@@ -105,7 +111,11 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(PipelineServiceServer::new(PipelineApi::new(engine.clone())))
+        .add_service(
+            PipelineServiceServer::new(PipelineApi::new(engine.clone()))
+                .max_decoding_message_size(limits::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(limits::MAX_MESSAGE_BYTES),
+        )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), on_shutdown);
     let grace_over = async {
         match shutdown_began.await {

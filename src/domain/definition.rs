@@ -20,6 +20,16 @@ pub const MAX_SLEEP: Duration = Duration::from_secs(24 * 3600);
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Highest `max_parallel_steps`.
 pub const MAX_PARALLEL_STEPS: u32 = 1024;
+/// Longest whole-execution timeout.
+pub const MAX_EXECUTION_TIMEOUT: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Most attempts a retry policy may allow.
+pub const MAX_ATTEMPTS: u32 = 100;
+/// Longest delay between two attempts.
+pub const MAX_RETRY_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+/// Highest `concurrency.max_active`.
+pub const MAX_ACTIVE_LIMIT: u32 = 10_000;
+/// Largest definition, as JSON.
+pub const MAX_DEFINITION_BYTES: usize = 1024 * 1024;
 
 /// A pipeline as its author wrote it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -32,6 +42,99 @@ pub struct PipelineSpec {
     /// How many steps of one execution may run at once; 0 = server default.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub max_parallel_steps: u32,
+    /// Retry policy of steps that have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_retry: Option<RetryPolicy>,
+    /// Limit for a whole execution, from when it starts running.
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub timeout: Option<Duration>,
+    /// Cap on active executions of this pipeline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<ConcurrencyPolicy>,
+}
+
+/// How failed attempts of a step are retried.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Attempts in all, including the first; 0 and 1 mean no retry.
+    #[serde(default)]
+    pub max_attempts: u32,
+    /// Delay before the second attempt; default 1s.
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub initial_interval: Option<Duration>,
+    /// Growth factor of the delay; 0 means 2.
+    #[serde(default, skip_serializing_if = "is_zero_f64")]
+    pub backoff_coefficient: f64,
+    /// Longest delay; default 100 x the initial interval.
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_interval: Option<Duration>,
+    /// Random spread of each delay, 0 to 1 (0.2 = +/- 20%).
+    #[serde(default, skip_serializing_if = "is_zero_f64")]
+    pub jitter: f64,
+    /// Error kinds that are never retried.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub non_retryable_errors: Vec<String>,
+}
+
+impl RetryPolicy {
+    /// Whether an attempt numbered `attempt` that failed with `kind` may be
+    /// followed by another.
+    pub fn retries(&self, attempt: u32, kind: &str) -> bool {
+        attempt < self.max_attempts && !self.non_retryable_errors.iter().any(|k| k == kind)
+    }
+
+    /// The delay after failed attempt number `attempt` (from 1), with
+    /// `random` in [0, 1) spreading it by the jitter.
+    pub fn delay(&self, attempt: u32, random: f64) -> Duration {
+        let initial = self.initial_interval.unwrap_or(Duration::from_secs(1));
+        let coefficient = if self.backoff_coefficient == 0.0 {
+            2.0
+        } else {
+            self.backoff_coefficient
+        };
+        let max = self.max_interval.unwrap_or(initial * 100);
+        let exponent = attempt.saturating_sub(1).min(64) as i32;
+        let base = (initial.as_secs_f64() * coefficient.powi(exponent)).min(max.as_secs_f64());
+        let spread = 1.0 + self.jitter * (2.0 * random - 1.0);
+        Duration::from_secs_f64((base * spread).max(0.0))
+    }
+}
+
+/// What `RunPipeline` does when a pipeline is at its cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConcurrencyMode {
+    /// Wait as queued, in order.
+    #[default]
+    Queue,
+    /// Refuse with RESOURCE_EXHAUSTED.
+    Reject,
+    /// Terminate the oldest active execution; the new one queues meanwhile.
+    CancelOldest,
+}
+
+/// A cap on a pipeline's active executions.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConcurrencyPolicy {
+    /// 0 means unlimited.
+    #[serde(default)]
+    pub max_active: u32,
+    #[serde(default)]
+    pub mode: ConcurrencyMode,
 }
 
 /// One step of a pipeline.
@@ -47,6 +150,15 @@ pub struct StepSpec {
         skip_serializing_if = "Option::is_none"
     )]
     pub timeout: Option<Duration>,
+    /// A CEL condition; false skips the step. Empty: always run.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub when: String,
+    /// A failure does not fail the execution; dependents still run.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub continue_on_failure: bool,
+    /// Overrides the pipeline's `default_retry`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
     /// Written as one key named after the kind: `sleep: {duration: 2s}`.
     #[serde(flatten)]
     pub kind: StepKind,
@@ -62,6 +174,12 @@ struct RawStep {
     needs: Vec<String>,
     #[serde(default, with = "opt_duration")]
     timeout: Option<Duration>,
+    #[serde(default)]
+    when: String,
+    #[serde(default)]
+    continue_on_failure: bool,
+    #[serde(default)]
+    retry: Option<RetryPolicy>,
     #[serde(default, deserialize_with = "present")]
     noop: Option<serde_json::Value>,
     #[serde(default, deserialize_with = "present")]
@@ -72,6 +190,10 @@ struct RawStep {
     set: Option<serde_json::Value>,
     #[serde(default, deserialize_with = "present")]
     command: Option<serde_json::Value>,
+    #[serde(default, deserialize_with = "present")]
+    http: Option<serde_json::Value>,
+    #[serde(default, deserialize_with = "present")]
+    grpc: Option<serde_json::Value>,
 }
 
 /// Keeps a key written with no value (`noop:`) as present.
@@ -89,6 +211,8 @@ impl TryFrom<RawStep> for StepSpec {
             ("fail", raw.fail),
             ("set", raw.set),
             ("command", raw.command),
+            ("http", raw.http),
+            ("grpc", raw.grpc),
         ]
         .into_iter()
         .filter_map(|(key, value)| value.map(|v| (key, v)))
@@ -98,7 +222,8 @@ impl TryFrom<RawStep> for StepSpec {
             Ok([(key, config)]) => (key, config),
             Err(kinds) if kinds.is_empty() => {
                 return Err(format!(
-                    "step '{name}' needs a kind: one of noop, sleep, fail, set, command"
+                    "step '{name}' needs a kind: one of {}",
+                    StepKind::NAMES.join(", ")
                 ));
             }
             Err(kinds) => {
@@ -119,6 +244,9 @@ impl TryFrom<RawStep> for StepSpec {
             name: raw.name,
             needs: raw.needs,
             timeout: raw.timeout,
+            when: raw.when,
+            continue_on_failure: raw.continue_on_failure,
+            retry: raw.retry,
             kind,
         })
     }
@@ -142,9 +270,15 @@ pub enum StepKind {
         values: JsonMap,
     },
     Command(CommandSpec),
+    Http(HttpSpec),
+    Grpc(GrpcSpec),
 }
 
 impl StepKind {
+    /// Every kind's key, as written in files.
+    pub const NAMES: [&'static str; 7] =
+        ["noop", "sleep", "fail", "set", "command", "http", "grpc"];
+
     pub fn name(&self) -> &'static str {
         match self {
             Self::Noop {} => "noop",
@@ -152,8 +286,46 @@ impl StepKind {
             Self::Fail { .. } => "fail",
             Self::Set { .. } => "set",
             Self::Command(_) => "command",
+            Self::Http(_) => "http",
+            Self::Grpc(_) => "grpc",
         }
     }
+}
+
+/// An HTTP request made by an `http` step. `${path}` placeholders in the
+/// URL, header values and body strings take values from the step's data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSpec {
+    /// GET, POST, PUT, PATCH, DELETE or HEAD; empty means GET.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub method: String,
+    pub url: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// The JSON body; `None` sends the step's data for POST, PUT and PATCH.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<JsonMap>,
+    /// Statuses that count as success; empty means 2xx.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub expected_statuses: Vec<u16>,
+}
+
+/// HTTP methods an `http` step may use.
+pub const HTTP_METHODS: [&str; 6] = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"];
+
+/// A call to a `pipeline.v1.StepWorker` made by a `grpc` step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcSpec {
+    /// `http://host:port` of the worker.
+    pub address: String,
+    /// Passed to the worker as is.
+    #[serde(default, skip_serializing_if = "JsonMap::is_empty")]
+    pub config: JsonMap,
+    /// Extra request metadata.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// A program to run for a `command` step.
@@ -215,6 +387,35 @@ impl PipelineSpec {
                 format!("must be at most {MAX_PARALLEL_STEPS}"),
             ));
         }
+        if let Some(timeout) = self.timeout
+            && (timeout.is_zero() || timeout > MAX_EXECUTION_TIMEOUT)
+        {
+            violations.push(FieldViolation::new(
+                "timeout",
+                format!(
+                    "must be more than 0 and at most {}",
+                    humantime::format_duration(MAX_EXECUTION_TIMEOUT)
+                ),
+            ));
+        }
+        if let Some(retry) = &self.default_retry {
+            check_retry("default_retry", retry, &mut violations);
+        }
+        if let Some(concurrency) = &self.concurrency
+            && concurrency.max_active > MAX_ACTIVE_LIMIT
+        {
+            violations.push(FieldViolation::new(
+                "concurrency.max_active",
+                format!("must be at most {MAX_ACTIVE_LIMIT}"),
+            ));
+        }
+        let size = serde_json::to_vec(self).map_or(0, |json| json.len());
+        if size > MAX_DEFINITION_BYTES {
+            violations.push(FieldViolation::new(
+                "steps",
+                format!("the definition is {size} bytes as JSON, more than the limit of {MAX_DEFINITION_BYTES}"),
+            ));
+        }
 
         let mut first_index: HashMap<&str, usize> = HashMap::new();
         for (i, step) in self.steps.iter().enumerate() {
@@ -272,7 +473,40 @@ impl PipelineSpec {
                         "a program is required",
                     ));
                 }
+                StepKind::Http(http) => {
+                    check_http(&format!("steps[{i}].http"), http, &mut violations)
+                }
+                StepKind::Grpc(grpc) => {
+                    if !(grpc.address.starts_with("http://")
+                        || grpc.address.starts_with("https://"))
+                        || grpc
+                            .address
+                            .split_once("://")
+                            .is_none_or(|(_, rest)| rest.is_empty())
+                    {
+                        violations.push(FieldViolation::new(
+                            format!("steps[{i}].grpc.address"),
+                            "must be an http:// or https:// address such as http://worker:50052",
+                        ));
+                    }
+                    for key in grpc.metadata.keys() {
+                        if !is_header_name(key) {
+                            violations.push(FieldViolation::new(
+                                format!("steps[{i}].grpc.metadata"),
+                                format!("'{key}' is not a valid lowercase metadata name"),
+                            ));
+                        }
+                    }
+                }
                 _ => {}
+            }
+            if !step.when.is_empty()
+                && let Err(problem) = super::condition::check(&step.when)
+            {
+                violations.push(FieldViolation::new(format!("steps[{i}].when"), problem));
+            }
+            if let Some(retry) = &step.retry {
+                check_retry(&format!("steps[{i}].retry"), retry, &mut violations);
             }
         }
         if violations.is_empty()
@@ -464,6 +698,103 @@ fn check_name(field: &str, name: &str, violations: &mut Vec<FieldViolation>) {
 
 fn is_zero(n: &u32) -> bool {
     *n == 0
+}
+
+fn is_zero_f64(n: &f64) -> bool {
+    *n == 0.0
+}
+
+fn check_retry(path: &str, retry: &RetryPolicy, violations: &mut Vec<FieldViolation>) {
+    let mut add = |field: &str, description: String| {
+        violations.push(FieldViolation::new(format!("{path}.{field}"), description));
+    };
+    if retry.max_attempts > MAX_ATTEMPTS {
+        add("max_attempts", format!("must be at most {MAX_ATTEMPTS}"));
+    }
+    let limit = humantime::format_duration(MAX_RETRY_INTERVAL);
+    for (field, interval) in [
+        ("initial_interval", retry.initial_interval),
+        ("max_interval", retry.max_interval),
+    ] {
+        if let Some(d) = interval
+            && (d.is_zero() || d > MAX_RETRY_INTERVAL)
+        {
+            add(field, format!("must be more than 0 and at most {limit}"));
+        }
+    }
+    if let (Some(initial), Some(max)) = (retry.initial_interval, retry.max_interval)
+        && max < initial
+    {
+        add(
+            "max_interval",
+            "must not be less than initial_interval".to_string(),
+        );
+    }
+    if !(retry.backoff_coefficient == 0.0 || (1.0..=100.0).contains(&retry.backoff_coefficient)) {
+        add(
+            "backoff_coefficient",
+            "must be 0 (meaning 2) or from 1 to 100".to_string(),
+        );
+    }
+    if !(0.0..=1.0).contains(&retry.jitter) {
+        add("jitter", "must be from 0 to 1".to_string());
+    }
+    for (j, kind) in retry.non_retryable_errors.iter().enumerate() {
+        if kind.trim().is_empty() || kind.len() > MAX_NAME_LEN {
+            add(
+                &format!("non_retryable_errors[{j}]"),
+                format!("must be 1 to {MAX_NAME_LEN} characters"),
+            );
+        }
+    }
+}
+
+fn check_http(path: &str, http: &HttpSpec, violations: &mut Vec<FieldViolation>) {
+    let method = if http.method.is_empty() {
+        "GET"
+    } else {
+        &http.method
+    };
+    if !HTTP_METHODS.contains(&method) {
+        violations.push(FieldViolation::new(
+            format!("{path}.method"),
+            format!("must be one of {}", HTTP_METHODS.join(", ")),
+        ));
+    }
+    let host = http
+        .url
+        .strip_prefix("http://")
+        .or_else(|| http.url.strip_prefix("https://"));
+    if host.is_none_or(str::is_empty) {
+        violations.push(FieldViolation::new(
+            format!("{path}.url"),
+            "must be an http:// or https:// URL",
+        ));
+    }
+    for key in http.headers.keys() {
+        if !is_header_name(&key.to_ascii_lowercase()) {
+            violations.push(FieldViolation::new(
+                format!("{path}.headers"),
+                format!("'{key}' is not a valid header name"),
+            ));
+        }
+    }
+    for (j, status) in http.expected_statuses.iter().enumerate() {
+        if !(100..=599).contains(status) {
+            violations.push(FieldViolation::new(
+                format!("{path}.expected_statuses[{j}]"),
+                "must be an HTTP status from 100 to 599",
+            ));
+        }
+    }
+}
+
+/// A lowercase HTTP/2 header name.
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.!#$%&'*+^`|~".contains(&b)
+        })
 }
 
 /// Durations written as `1.5s`, `250ms`, `2m`.

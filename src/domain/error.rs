@@ -35,8 +35,20 @@ pub enum Error {
          for programs given to `pipelined serve --allow-command`"
     )]
     CommandNotAllowed { field: String, program: String },
+    /// A request id was used before for a different request.
+    #[error("request_id '{0}' was already used for a different request")]
+    RequestIdReused(String),
+    /// A limit refuses the request (a pipeline's concurrency cap).
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// A watcher fell too far behind the live events to continue.
+    #[error("{0}")]
+    Lagged(String),
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// A bug or a task that died; never expected.
+    #[error("internal error: {0}")]
+    Internal(String),
     /// A storage failure with no domain meaning (database down, corrupt row).
     #[error(transparent)]
     Storage(StoreError),
@@ -49,6 +61,8 @@ impl From<StoreError> for Error {
             StoreError::NotFound { kind, id } => Self::NotFound { kind, id },
             StoreError::AlreadyExists { kind, id } => Self::AlreadyExists { kind, id },
             StoreError::Conflict(message) => Self::FailedPrecondition(message),
+            StoreError::RequestIdReused(id) => Self::RequestIdReused(id),
+            StoreError::LimitReached(message) => Self::ResourceExhausted(message),
             other => Self::Storage(other),
         }
     }

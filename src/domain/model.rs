@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::data::{JsonMap, layered};
 use super::definition::{Graph, PipelineSpec};
-use super::status::{EventKind, ExecutionStatus, StepStatus, TriggerKind};
+use super::status::{EventKind, ExecutionStatus, LogStream, StepStatus, TriggerKind};
 
 /// One stored version of a pipeline.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,6 +34,24 @@ pub struct RunRequest {
     pub trigger: Trigger,
     pub correlation_id: String,
     pub labels: BTreeMap<String, String>,
+    /// Idempotency key; `None` starts a new execution every time.
+    pub request_id: Option<String>,
+}
+
+impl RunRequest {
+    /// A fingerprint of what the request asks for, to tell a repeated
+    /// request from a different one under the same `request_id`.
+    pub fn fingerprint(&self) -> String {
+        let canonical = serde_json::json!({
+            "pipeline": self.pipeline_name,
+            "input": self.input,
+            "trigger": self.trigger,
+            "correlation_id": self.correlation_id,
+            "labels": self.labels,
+        });
+        // serde_json maps are ordered (BTreeMap), so this text is canonical.
+        canonical.to_string()
+    }
 }
 
 /// One run of a pipeline version, with every step.
@@ -58,6 +76,11 @@ pub struct Execution {
     pub last_sequence: i64,
     /// In definition order.
     pub steps: Vec<StepRun>,
+    /// The caller's idempotency key, with the request's fingerprint.
+    pub request_id: Option<String>,
+    pub request_fingerprint: String,
+    /// When the execution times out, if its pipeline has a timeout.
+    pub deadline: Option<DateTime<Utc>>,
 }
 
 /// One step of one execution.
@@ -71,7 +94,11 @@ pub struct StepRun {
     pub finished_at: Option<DateTime<Utc>>,
     pub output: Option<JsonMap>,
     pub error: String,
+    /// Kind of `error`, for retry policies.
+    pub error_kind: String,
     pub reason: String,
+    /// When a pending step that is retrying may start its next attempt.
+    pub next_attempt_at: Option<DateTime<Utc>>,
 }
 
 /// Steps done out of steps total.
@@ -113,6 +140,41 @@ pub struct Event {
     pub progress: Progress,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub execution_data: Option<JsonMap>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub pipeline_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub error_kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_stream: Option<LogStream>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_percent: Option<f64>,
+}
+
+impl Event {
+    /// An event of `kind` about `exec` in its current state.
+    pub fn new(exec: &Execution, sequence: i64, kind: EventKind) -> Self {
+        Self {
+            execution_id: exec.id.clone(),
+            sequence,
+            kind,
+            time: Utc::now(),
+            execution_status: exec.status,
+            step_name: None,
+            attempt: 0,
+            output: None,
+            message: String::new(),
+            duration: None,
+            progress: exec.progress(),
+            execution_data: None,
+            pipeline_name: exec.pipeline_name.clone(),
+            next_attempt_at: None,
+            error_kind: String::new(),
+            log_stream: None,
+            step_percent: None,
+        }
+    }
 }
 
 impl StepRun {
@@ -125,7 +187,9 @@ impl StepRun {
             finished_at: None,
             output: None,
             error: String::new(),
+            error_kind: String::new(),
             reason: String::new(),
+            next_attempt_at: None,
         }
     }
 
@@ -154,7 +218,9 @@ impl StepRun {
         self.finished_at = None;
         self.output = None;
         self.error.clear();
+        self.error_kind.clear();
         self.reason.clear();
+        self.next_attempt_at = None;
     }
 }
 

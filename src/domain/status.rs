@@ -54,6 +54,8 @@ string_enum!(
         Succeeded => "succeeded",
         Failed => "failed",
         Cancelled => "cancelled",
+        Queued => "queued",
+        Paused => "paused",
     }
 );
 
@@ -83,6 +85,22 @@ string_enum!(
         StepFailed => "step_failed",
         StepSkipped => "step_skipped",
         StepCancelled => "step_cancelled",
+        ExecutionQueued => "execution_queued",
+        ExecutionPaused => "execution_paused",
+        ExecutionResumed => "execution_resumed",
+        StepRetrying => "step_retrying",
+        StepLog => "step_log",
+        StepProgress => "step_progress",
+    }
+);
+
+string_enum!(
+    /// Where a logged line came from.
+    LogStream {
+        Stdout => "stdout",
+        Stderr => "stderr",
+        Worker => "worker",
+        System => "system",
     }
 );
 
@@ -110,13 +128,29 @@ impl ExecutionStatus {
         matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
     }
 
+    /// Whether the execution counts against its pipeline's concurrency cap.
+    pub fn holds_slot(self) -> bool {
+        matches!(
+            self,
+            Self::Pending | Self::Running | Self::Paused | Self::Stopping | Self::Terminating
+        )
+    }
+
     /// Whether the state machine allows `self → next`.
     pub fn can_become(self, next: Self) -> bool {
         use ExecutionStatus::*;
         matches!(
             (self, next),
-            (Pending, Running | Cancelled)
-                | (Running, Stopping | Terminating | Succeeded | Failed)
+            (Queued, Pending | Cancelled)
+                | (Pending, Running | Cancelled)
+                | (
+                    Running,
+                    Paused | Stopping | Terminating | Succeeded | Failed
+                )
+                | (
+                    Paused,
+                    Running | Stopping | Terminating | Succeeded | Failed
+                )
                 | (Stopping, Terminating | Cancelled)
                 | (Terminating, Cancelled)
                 | (Failed | Cancelled, Running)
@@ -165,7 +199,9 @@ impl EventKind {
 mod tests {
     use super::*;
 
-    const ALL: [ExecutionStatus; 7] = [
+    const ALL: [ExecutionStatus; 9] = [
+        ExecutionStatus::Queued,
+        ExecutionStatus::Paused,
         ExecutionStatus::Pending,
         ExecutionStatus::Running,
         ExecutionStatus::Stopping,

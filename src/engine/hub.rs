@@ -16,10 +16,22 @@ use crate::domain::model::Event;
 
 /// Events buffered per execution for watchers that are momentarily behind.
 const CHANNEL_CAPACITY: usize = 256;
+/// Events of all executions buffered for `WatchExecutions` watchers.
+const ALL_CAPACITY: usize = 8192;
 
-#[derive(Default)]
 pub struct EventHub {
     channels: Mutex<HashMap<String, broadcast::Sender<Arc<Event>>>>,
+    /// Every event, for watchers of all executions.
+    all: broadcast::Sender<Arc<Event>>,
+}
+
+impl Default for EventHub {
+    fn default() -> Self {
+        Self {
+            channels: Mutex::default(),
+            all: broadcast::channel(ALL_CAPACITY).0,
+        }
+    }
 }
 
 /// A live subscription to one execution's events; unsubscribes on drop.
@@ -33,13 +45,27 @@ impl EventHub {
     /// Hands committed events of one execution to its watchers, if any.
     pub fn publish(&self, events: &[Event]) {
         let Some(first) = events.first() else { return };
+        let everyone = self.all.receiver_count() > 0;
         let channels = self.channels.lock().expect("event hub lock");
-        if let Some(sender) = channels.get(&first.execution_id) {
-            for event in events {
-                // An error only means every watcher has just left.
-                let _ = sender.send(Arc::new(event.clone()));
+        let sender = channels.get(&first.execution_id);
+        if sender.is_none() && !everyone {
+            return;
+        }
+        for event in events {
+            let event = Arc::new(event.clone());
+            // An error only means every watcher has just left.
+            if let Some(sender) = sender {
+                let _ = sender.send(Arc::clone(&event));
+            }
+            if everyone {
+                let _ = self.all.send(event);
             }
         }
+    }
+
+    /// Starts receiving events of every execution published from now on.
+    pub fn subscribe_all(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.all.subscribe()
     }
 
     /// Starts receiving events of `execution_id` published from now on.

@@ -1,18 +1,22 @@
 //! The executor and the operations the API offers on top of it.
 //!
 //! [`Engine`] validates requests, talks to the [`Store`], starts one
-//! [`runner::Runner`] task per active execution and routes cancel requests to
-//! it. There is no lock around execution: the only shared map is the
-//! registry of runners, touched briefly when one starts, stops or is asked to
-//! cancel.
+//! [`runner::Runner`] task per active execution and routes control requests
+//! (cancel, pause, resume) to it. There is no lock around execution: the
+//! only shared maps are the registry of runners, touched briefly when one
+//! starts, stops or is sent a request, and the set of pipelines with queued
+//! executions.
 
 pub mod hub;
+pub mod processes;
 mod runner;
 pub mod steps;
 mod watch;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use chrono::Utc;
 use tokio::sync::{mpsc, oneshot};
@@ -24,11 +28,12 @@ use crate::domain::Error;
 use crate::domain::definition::{CommandPolicy, Graph, PipelineSpec};
 use crate::domain::model::{Event, Execution, Pipeline, RunRequest, StepRun};
 use crate::domain::status::{CancelMode, EventKind, ExecutionStatus, StepStatus};
-use crate::storage::{ExecutionFilter, Store};
+use crate::storage::{Admission, ExecutionFilter, Store, StoreError};
 use hub::EventHub;
+use processes::ProcessRegistry;
 use runner::{Control, Runner};
 
-pub use watch::WatchStream;
+pub use watch::{AllEventsFilter, WatchItem, WatchStream};
 
 /// Settings of the executor.
 #[derive(Debug, Clone)]
@@ -37,6 +42,11 @@ pub struct EngineConfig {
     pub max_parallel_steps: usize,
     /// Programs `command` steps may run.
     pub commands: CommandPolicy,
+    /// Where running command process groups are recorded (see
+    /// [`processes`]); `None` records nothing.
+    pub process_dir: Option<PathBuf>,
+    /// How long a watch stream may stay silent before a heartbeat is sent.
+    pub heartbeat_interval: Duration,
 }
 
 impl Default for EngineConfig {
@@ -44,6 +54,8 @@ impl Default for EngineConfig {
         Self {
             max_parallel_steps: 16,
             commands: CommandPolicy::default(),
+            process_dir: None,
+            heartbeat_interval: Duration::from_secs(15),
         }
     }
 }
@@ -55,6 +67,9 @@ pub(crate) struct Shared {
     config: EngineConfig,
     /// Control channels of the runners of active executions, by id.
     runners: Mutex<HashMap<String, mpsc::Sender<Control>>>,
+    /// Pipelines that have queued executions, to promote when a slot frees.
+    queued_pipelines: Mutex<HashSet<String>>,
+    processes: Option<ProcessRegistry>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
 }
@@ -66,26 +81,43 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(store: Store, config: EngineConfig) -> Self {
-        Self {
+    pub fn new(store: Store, config: EngineConfig) -> std::io::Result<Self> {
+        let processes = match &config.process_dir {
+            Some(dir) => Some(ProcessRegistry::open(dir)?),
+            None => None,
+        };
+        Ok(Self {
             shared: Arc::new(Shared {
                 store,
                 hub: Arc::new(EventHub::default()),
                 config,
                 runners: Mutex::new(HashMap::new()),
+                queued_pipelines: Mutex::new(HashSet::new()),
+                processes,
                 shutdown: CancellationToken::new(),
                 tasks: TaskTracker::new(),
             }),
-        }
+        })
     }
 
     /// Resumes every execution left unfinished by a previous run of the
-    /// server. Returns how many.
+    /// server, after killing the command processes that run left behind.
+    /// Returns how many executions it resumed or kept queued.
     pub async fn recover(&self) -> Result<usize, Error> {
+        if let Some(processes) = &self.shared.processes {
+            processes.kill_leftovers();
+        }
         let ids = self.shared.store.active_execution_ids().await?;
         for id in &ids {
             let exec = self.shared.store.get_execution(id).await?;
-            self.register_and_spawn(exec)?;
+            if exec.status == ExecutionStatus::Queued {
+                self.shared.note_queued(&exec.pipeline_name);
+            } else {
+                self.shared.register_and_spawn(exec)?;
+            }
+        }
+        for name in self.shared.store.pipelines_with_queued().await? {
+            self.shared.promote(&name).await?;
         }
         Ok(ids.len())
     }
@@ -133,18 +165,100 @@ impl Engine {
 
     // ----- executions -----
 
-    /// Stores a new pending execution of the pipeline's latest version and
-    /// starts its runner.
+    /// Stores a new execution of the pipeline's latest version and starts
+    /// it, or queues it at the pipeline's concurrency cap. A known request
+    /// id returns the execution the first request created.
     pub async fn run_pipeline(&self, request: RunRequest) -> Result<Execution, Error> {
         if self.shared.shutdown.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
+        let shared = Arc::clone(&self.shared);
+        // Detached, so that a caller who goes away (a deadline, a reset)
+        // cannot leave a stored execution without its runner.
+        detached(async move { shared.run_pipeline(request).await }).await
+    }
+
+    pub async fn get_execution(&self, id: &str) -> Result<Execution, Error> {
+        Ok(self.shared.store.get_execution(id).await?)
+    }
+
+    pub async fn list_executions(&self, filter: &ExecutionFilter) -> Result<Vec<Execution>, Error> {
+        Ok(self.shared.store.list_executions(filter).await?)
+    }
+
+    /// Asks the execution's runner to cancel it; a queued execution is
+    /// cancelled at once.
+    pub async fn cancel_execution(&self, id: &str, mode: CancelMode) -> Result<Execution, Error> {
+        self.shared.cancel_execution(id, mode).await
+    }
+
+    /// Stops new steps of a running execution from starting.
+    pub async fn pause_execution(&self, id: &str) -> Result<Execution, Error> {
+        self.shared
+            .control(id, "pause", |reply| Control::Pause { reply })
+            .await
+    }
+
+    /// Lets a paused execution start steps again.
+    pub async fn resume_execution(&self, id: &str) -> Result<Execution, Error> {
+        self.shared
+            .control(id, "resume", |reply| Control::Resume { reply })
+            .await
+    }
+
+    /// Puts a failed or cancelled execution back to running: failed, skipped
+    /// and cancelled steps (and, with `from_step`, that step and everything
+    /// downstream of it) become pending again; succeeded steps keep their
+    /// outputs and do not run again.
+    pub async fn retry_execution(
+        &self,
+        id: &str,
+        from_step: Option<&str>,
+    ) -> Result<Execution, Error> {
+        if self.shared.shutdown.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        let shared = Arc::clone(&self.shared);
+        let (id, from_step) = (id.to_string(), from_step.map(str::to_string));
+        // Detached for the same reason as `run_pipeline`.
+        detached(async move { shared.retry_execution(&id, from_step.as_deref()).await }).await
+    }
+
+    /// Streams the execution's events after `after_sequence`: stored ones,
+    /// then live ones, ending after the terminal event.
+    pub async fn watch(&self, id: &str, after_sequence: i64) -> Result<WatchStream, Error> {
+        watch::watch(Arc::clone(&self.shared), id, after_sequence).await
+    }
+
+    /// Streams live events of every execution that pass `filter`.
+    pub fn watch_all(&self, filter: AllEventsFilter) -> WatchStream {
+        watch::watch_all(Arc::clone(&self.shared), filter)
+    }
+
+    /// Number of executions with live watchers.
+    pub fn watched_executions(&self) -> usize {
+        self.shared.hub.watched_executions()
+    }
+}
+
+/// Runs `work` as its own task and waits for it: dropping the caller does
+/// not stop the work half-way.
+async fn detached<T: Send + 'static>(
+    work: impl Future<Output = Result<T, Error>> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::spawn(work)
+        .await
+        .unwrap_or_else(|e| Err(Error::Internal(format!("request task failed: {e}"))))
+}
+
+impl Shared {
+    async fn run_pipeline(self: &Arc<Self>, request: RunRequest) -> Result<Execution, Error> {
         let pipeline = self
-            .shared
             .store
             .get_pipeline(&request.pipeline_name, None)
             .await?;
-        let exec = Execution {
+        let request_fingerprint = request.fingerprint();
+        let mut exec = Execution {
             id: uuid::Uuid::now_v7().to_string(),
             pipeline_name: pipeline.spec.name.clone(),
             pipeline_version: pipeline.version,
@@ -166,60 +280,114 @@ impl Engine {
             started_at: None,
             finished_at: None,
             last_sequence: 0,
+            request_id: request.request_id,
+            request_fingerprint,
+            deadline: None,
         };
-        self.shared.store.insert_execution(&exec).await?;
-        self.register_and_spawn(exec.clone())?;
+        let cap = exec.definition.concurrency.clone();
+        match self.store.admit_execution(&mut exec, cap.as_ref()).await? {
+            Admission::Existing(existing) => Ok(*existing),
+            Admission::Created { to_cancel } => {
+                if exec.status == ExecutionStatus::Queued {
+                    self.note_queued(&exec.pipeline_name);
+                    let events = self.store.events_after(&exec.id, 0, 1).await?;
+                    self.hub.publish(&events);
+                } else {
+                    self.register_and_spawn(exec.clone())?;
+                }
+                for id in to_cancel {
+                    if let Err(error) = self.cancel_execution(&id, CancelMode::Terminate).await {
+                        tracing::info!(execution = %id, %error, "could not evict an execution for a newer one");
+                    }
+                }
+                Ok(exec)
+            }
+        }
+    }
+
+    async fn cancel_execution(&self, id: &str, mode: CancelMode) -> Result<Execution, Error> {
+        match self
+            .control(id, "cancel", |reply| Control::Cancel { mode, reply })
+            .await
+        {
+            Err(Error::FailedPrecondition(message)) => {
+                let exec = self.store.get_execution(id).await?;
+                if exec.status == ExecutionStatus::Queued {
+                    self.cancel_queued(exec).await
+                } else {
+                    Err(Error::FailedPrecondition(message))
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Cancels an execution that never started.
+    async fn cancel_queued(&self, mut exec: Execution) -> Result<Execution, Error> {
+        let now = Utc::now();
+        for step in &mut exec.steps {
+            step.set_status(StepStatus::Cancelled);
+            step.reason = "execution cancelled".to_string();
+            step.finished_at = Some(now);
+        }
+        exec.set_status(ExecutionStatus::Cancelled);
+        exec.finished_at = Some(now);
+        exec.error_message = "cancelled by request while queued".to_string();
+        let mut events = Vec::new();
+        for i in 0..exec.steps.len() {
+            exec.last_sequence += 1;
+            let mut event = Event::new(&exec, exec.last_sequence, EventKind::StepCancelled);
+            event.step_name = Some(exec.steps[i].name.clone());
+            event.message = exec.steps[i].reason.clone();
+            events.push(event);
+        }
+        exec.last_sequence += 1;
+        let mut event = Event::new(&exec, exec.last_sequence, EventKind::ExecutionCancelled);
+        event.message = exec.error_message.clone();
+        event.execution_data = Some(exec.execution_data.clone());
+        events.push(event);
+        let changed: Vec<usize> = (0..exec.steps.len()).collect();
+        self.store
+            .save(&exec, &changed, &events, Some(ExecutionStatus::Queued))
+            .await?;
+        self.hub.publish(&events);
         Ok(exec)
     }
 
-    pub async fn get_execution(&self, id: &str) -> Result<Execution, Error> {
-        Ok(self.shared.store.get_execution(id).await?)
-    }
-
-    pub async fn list_executions(&self, filter: &ExecutionFilter) -> Result<Vec<Execution>, Error> {
-        Ok(self.shared.store.list_executions(filter).await?)
-    }
-
-    /// Asks the execution's runner to cancel it.
-    pub async fn cancel_execution(&self, id: &str, mode: CancelMode) -> Result<Execution, Error> {
-        let runner = self
-            .shared
-            .runners
-            .lock()
-            .expect("runners lock")
-            .get(id)
-            .cloned();
+    /// Sends a request to the execution's runner and waits for the answer.
+    /// Without a runner the execution is not active: FAILED_PRECONDITION
+    /// (NOT_FOUND if it does not exist).
+    async fn control(
+        &self,
+        id: &str,
+        action: &str,
+        request: impl FnOnce(oneshot::Sender<Result<Execution, Error>>) -> Control,
+    ) -> Result<Execution, Error> {
+        let runner = self.runners.lock().expect("runners lock").get(id).cloned();
         if let Some(runner) = runner {
             let (reply, answer) = oneshot::channel();
-            if runner.send(Control::Cancel { mode, reply }).await.is_ok()
+            if runner.send(request(reply)).await.is_ok()
                 && let Ok(result) = answer.await
             {
                 return result;
             }
         }
-        // No runner: the execution has finished (or the server is stopping).
-        let exec = self.shared.store.get_execution(id).await?;
-        let target = match mode {
-            CancelMode::Graceful => ExecutionStatus::Stopping,
-            CancelMode::Terminate => ExecutionStatus::Terminating,
-        };
-        exec.status.check(target, "cancel")?;
-        Err(Error::ShuttingDown)
+        if self.shutdown.is_cancelled() {
+            return Err(Error::ShuttingDown);
+        }
+        let exec = self.store.get_execution(id).await?;
+        Err(Error::FailedPrecondition(format!(
+            "cannot {action} an execution that is {}",
+            exec.status
+        )))
     }
 
-    /// Puts a failed or cancelled execution back to running: failed, skipped
-    /// and cancelled steps (and, with `from_step`, that step and everything
-    /// downstream of it) become pending again; succeeded steps keep their
-    /// outputs and do not run again.
-    pub async fn retry_execution(
-        &self,
+    async fn retry_execution(
+        self: &Arc<Self>,
         id: &str,
         from_step: Option<&str>,
     ) -> Result<Execution, Error> {
-        if self.shared.shutdown.is_cancelled() {
-            return Err(Error::ShuttingDown);
-        }
-        let mut exec = self.shared.store.get_execution(id).await?;
+        let mut exec = self.store.get_execution(id).await?;
         let graph = Graph::new(&exec.definition);
         let mut reset: Vec<bool> = exec
             .steps
@@ -252,69 +420,93 @@ impl Engine {
         for &i in &changed {
             exec.steps[i].reset();
         }
+        let now = Utc::now();
         exec.set_status(ExecutionStatus::Running);
         exec.finished_at = None;
         exec.error_message.clear();
+        exec.deadline = exec.definition.timeout.map(|t| now + t);
         exec.recompute_data(&graph);
         exec.last_sequence += 1;
-        let event = Event {
-            execution_id: exec.id.clone(),
-            sequence: exec.last_sequence,
-            kind: EventKind::ExecutionRetried,
-            time: Utc::now(),
-            execution_status: exec.status,
-            step_name: from_step.map(str::to_string),
-            attempt: 0,
-            output: None,
-            message: format!(
-                "re-running {}",
-                changed
-                    .iter()
-                    .map(|&i| exec.steps[i].name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-            duration: None,
-            progress: exec.progress(),
-            execution_data: None,
-        };
-        let store = self.shared.store.clone();
-        let hub = Arc::clone(&self.shared.hub);
+        let mut event = Event::new(&exec, exec.last_sequence, EventKind::ExecutionRetried);
+        event.step_name = from_step.map(str::to_string);
+        event.message = format!(
+            "re-running {}",
+            changed
+                .iter()
+                .map(|&i| exec.steps[i].name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         let snapshot = exec.clone();
         // Registering first makes concurrent retries of one execution race on
         // the registry; the conditional write settles races across servers.
         let control = self.register(&exec.id)?;
         let events = [event];
-        match store
+        match self
+            .store
             .save(&snapshot, &changed, &events, Some(previous))
             .await
         {
             Ok(()) => {
-                hub.publish(&events);
+                self.hub.publish(&events);
                 self.spawn(exec, control);
                 Ok(snapshot)
             }
             Err(error) => {
-                self.shared.runners.lock().expect("runners lock").remove(id);
+                self.runners.lock().expect("runners lock").remove(id);
                 Err(error.into())
             }
         }
     }
 
-    /// Streams the execution's events after `after_sequence`: stored ones,
-    /// then live ones, ending after the terminal event.
-    pub async fn watch(&self, id: &str, after_sequence: i64) -> Result<WatchStream, Error> {
-        watch::watch(Arc::clone(&self.shared), id, after_sequence).await
+    fn note_queued(&self, pipeline: &str) {
+        self.queued_pipelines
+            .lock()
+            .expect("queued lock")
+            .insert(pipeline.to_string());
     }
 
-    /// Number of executions with live watchers.
-    pub fn watched_executions(&self) -> usize {
-        self.shared.hub.watched_executions()
+    /// Called by a runner whose execution reached a terminal status: starts
+    /// queued executions of its pipeline if there are any.
+    fn execution_finished(self: &Arc<Self>, pipeline: &str) {
+        let waiting = self
+            .queued_pipelines
+            .lock()
+            .expect("queued lock")
+            .contains(pipeline);
+        if waiting && !self.shutdown.is_cancelled() {
+            let shared = Arc::clone(self);
+            let pipeline = pipeline.to_string();
+            self.tasks.spawn(async move {
+                if let Err(error) = shared.promote(&pipeline).await {
+                    tracing::warn!(%pipeline, %error, "cannot start queued executions");
+                }
+            });
+        }
+    }
+
+    /// Starts the pipeline's queued executions that fit under its cap.
+    async fn promote(self: &Arc<Self>, pipeline: &str) -> Result<(), Error> {
+        let cap = match self.store.get_pipeline(pipeline, None).await {
+            Ok(latest) => latest.spec.concurrency,
+            Err(StoreError::NotFound { .. }) => None,
+            Err(error) => return Err(error.into()),
+        };
+        for exec in self.store.promote_queued(pipeline, cap.as_ref()).await? {
+            self.register_and_spawn(exec)?;
+        }
+        if !self.store.has_queued(pipeline).await? {
+            self.queued_pipelines
+                .lock()
+                .expect("queued lock")
+                .remove(pipeline);
+        }
+        Ok(())
     }
 
     /// Claims the runner slot of an execution; fails if it has a runner.
     fn register(&self, id: &str) -> Result<mpsc::Receiver<Control>, Error> {
-        let mut runners = self.shared.runners.lock().expect("runners lock");
+        let mut runners = self.runners.lock().expect("runners lock");
         if runners.contains_key(id) {
             return Err(Error::FailedPrecondition(format!(
                 "execution {id} is active; only failed or cancelled executions can be retried"
@@ -325,15 +517,15 @@ impl Engine {
         Ok(control)
     }
 
-    fn register_and_spawn(&self, exec: Execution) -> Result<(), Error> {
+    fn register_and_spawn(self: &Arc<Self>, exec: Execution) -> Result<(), Error> {
         let control = self.register(&exec.id)?;
         self.spawn(exec, control);
         Ok(())
     }
 
-    fn spawn(&self, exec: Execution, control: mpsc::Receiver<Control>) {
+    fn spawn(self: &Arc<Self>, exec: Execution, control: mpsc::Receiver<Control>) {
         let span = tracing::info_span!("execution", id = %exec.id, pipeline = %exec.pipeline_name);
-        let runner = Runner::new(Arc::clone(&self.shared), exec, control);
-        self.shared.tasks.spawn(runner.run().instrument(span));
+        let runner = Runner::new(Arc::clone(self), exec, control);
+        self.tasks.spawn(runner.run().instrument(span));
     }
 }

@@ -4,28 +4,40 @@
 //! state and is the only writer of its rows, so event sequence numbers are
 //! assigned without locks. Every state change is committed together with its
 //! events in one transaction and only then published to watchers. Step
-//! attempts run as their own tasks and report back over a channel; cancel
-//! requests arrive over another.
+//! attempts run as their own tasks and report back over channels (their log
+//! lines and progress on one, their outcome on another); control requests
+//! (cancel, pause, resume) arrive over a third. Timers wake the runner for
+//! retries whose delay is over and for the execution's deadline.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
-use super::steps::{self, Attempt, StepOutcome};
+use super::steps::logs::{MAX_BYTES_PER_ATTEMPT, MAX_LINES_PER_ATTEMPT, Report};
+use super::steps::{self, Attempt, Reporter, StepFailure, StepOutcome, StepReport};
 use crate::domain::Error;
+use crate::domain::condition;
+use crate::domain::data::JsonMap;
 use crate::domain::definition::Graph;
+use crate::domain::limits;
 use crate::domain::model::{Event, Execution};
-use crate::domain::status::{CancelMode, EventKind, ExecutionStatus, StepStatus};
+use crate::domain::status::{CancelMode, EventKind, ExecutionStatus, LogStream, StepStatus};
 
-/// A request sent to a runner.
+/// A request sent to a runner; each is answered with the execution after it.
 pub enum Control {
     Cancel {
         mode: CancelMode,
+        reply: oneshot::Sender<Result<Execution, Error>>,
+    },
+    Pause {
+        reply: oneshot::Sender<Result<Execution, Error>>,
+    },
+    Resume {
         reply: oneshot::Sender<Result<Execution, Error>>,
     },
 }
@@ -33,7 +45,16 @@ pub enum Control {
 struct Finished {
     index: usize,
     outcome: StepOutcome,
+    /// Log lines and progress reports dropped over the budget.
+    dropped: u64,
 }
+
+/// Log events are committed in batches of at most this many, or after
+/// [`LOG_FLUSH_DELAY`], whichever comes first.
+const LOG_BATCH: usize = 64;
+const LOG_FLUSH_DELAY: Duration = Duration::from_millis(100);
+/// Reports queued between attempts and their runner before they are dropped.
+const REPORT_QUEUE: usize = 1024;
 
 pub struct Runner {
     shared: Arc<Shared>,
@@ -43,10 +64,16 @@ pub struct Runner {
     control: mpsc::Receiver<Control>,
     finished_tx: mpsc::UnboundedSender<Finished>,
     finished_rx: mpsc::UnboundedReceiver<Finished>,
+    reports_tx: mpsc::Sender<Report>,
+    reports_rx: mpsc::Receiver<Report>,
+    /// Reports received but not committed yet.
+    pending_reports: Vec<Report>,
     /// Cancellation tokens of the attempts now running, by step index.
     running: HashMap<usize, CancellationToken>,
     /// Why the execution fails, from the first step that failed.
     failure: Option<String>,
+    /// Set once the execution's deadline has passed.
+    timed_out: bool,
     /// Whether this runner has removed itself from the engine's registry.
     unregistered: bool,
 }
@@ -60,6 +87,7 @@ impl Runner {
         }
         .max(1);
         let (finished_tx, finished_rx) = mpsc::unbounded_channel();
+        let (reports_tx, reports_rx) = mpsc::channel(REPORT_QUEUE);
         Self {
             shared,
             exec,
@@ -68,8 +96,12 @@ impl Runner {
             control,
             finished_tx,
             finished_rx,
+            reports_tx,
+            reports_rx,
+            pending_reports: Vec::new(),
             running: HashMap::new(),
             failure: None,
+            timed_out: false,
             unregistered: false,
         }
     }
@@ -91,9 +123,13 @@ impl Runner {
             ExecutionStatus::Pending => {
                 self.exec.set_status(ExecutionStatus::Running);
                 self.exec.started_at.get_or_insert(now);
+                self.exec.deadline = self.exec.definition.timeout.map(|t| now + t);
                 events.push(self.event(EventKind::ExecutionStarted, None));
             }
-            ExecutionStatus::Running | ExecutionStatus::Stopping | ExecutionStatus::Terminating => {
+            ExecutionStatus::Running
+            | ExecutionStatus::Paused
+            | ExecutionStatus::Stopping
+            | ExecutionStatus::Terminating => {
                 // Recovered after a restart: attempts that were running when
                 // the server stopped run again (at least once).
                 for (i, step) in self.exec.steps.iter_mut().enumerate() {
@@ -102,16 +138,16 @@ impl Runner {
                         changed.push(i);
                     }
                 }
-                if let Some(failed) = self
-                    .exec
-                    .steps
-                    .iter()
-                    .find(|s| s.status == StepStatus::Failed)
-                {
-                    self.failure = Some(format!("step '{}' failed: {}", failed.name, failed.error));
-                }
+                self.failure = self.exec.steps.iter().enumerate().find_map(|(i, s)| {
+                    (s.status == StepStatus::Failed
+                        && !self.exec.definition.steps[i].continue_on_failure)
+                        .then(|| format!("step '{}' failed: {}", s.name, s.error))
+                });
             }
-            ExecutionStatus::Succeeded | ExecutionStatus::Failed | ExecutionStatus::Cancelled => {
+            ExecutionStatus::Queued
+            | ExecutionStatus::Succeeded
+            | ExecutionStatus::Failed
+            | ExecutionStatus::Cancelled => {
                 return false;
             }
         }
@@ -126,9 +162,12 @@ impl Runner {
             if !self.start_ready_steps().await {
                 return self.abandon().await;
             }
-            if self.running.is_empty() {
+            let retry_at = self.next_retry_at();
+            if self.running.is_empty() && retry_at.is_none() && !self.waits_for_resume() {
                 return self.finish().await;
             }
+            let flush_due = !self.pending_reports.is_empty();
+            let deadline = self.deadline_to_watch();
             // Biased: a finished attempt is recorded before a shutdown is noticed.
             tokio::select! {
                 biased;
@@ -137,61 +176,195 @@ impl Runner {
                         return self.abandon().await;
                     }
                 }
+                Some(report) = self.reports_rx.recv() => {
+                    self.pending_reports.push(report);
+                    if self.pending_reports.len() >= LOG_BATCH && !self.commit(&[], Vec::new()).await {
+                        return self.abandon().await;
+                    }
+                }
                 Some(control) = self.control.recv() => {
                     if !self.on_control(control).await {
                         return self.abandon().await;
                     }
                 }
+                _ = tokio::time::sleep(LOG_FLUSH_DELAY), if flush_due => {
+                    if !self.commit(&[], Vec::new()).await {
+                        return self.abandon().await;
+                    }
+                }
+                _ = sleep_until(retry_at), if retry_at.is_some() => {}
+                _ = sleep_until(deadline), if deadline.is_some() => self.on_deadline(),
                 _ = self.shared.shutdown.cancelled() => return self.abandon().await,
             }
         }
     }
 
-    /// Starts every pending step whose needs have succeeded, in execution
-    /// order, while slots are free. Returns false if the server is stopping.
+    /// Whether the steps that need step `i` may run: it succeeded, its
+    /// condition skipped it, or it is optional and failed.
+    fn satisfies_dependents(&self, i: usize) -> bool {
+        match self.exec.steps[i].status {
+            StepStatus::Succeeded | StepStatus::Skipped => true,
+            StepStatus::Failed => self.exec.definition.steps[i].continue_on_failure,
+            _ => false,
+        }
+    }
+
+    /// Pending steps whose needs are met, in execution order.
+    fn ready_steps(&self) -> impl Iterator<Item = usize> + '_ {
+        self.graph.order.iter().copied().filter(|&i| {
+            self.exec.steps[i].status == StepStatus::Pending
+                && self.graph.needs[i]
+                    .iter()
+                    .all(|&d| self.satisfies_dependents(d))
+        })
+    }
+
+    /// Whether new steps may start at all.
+    fn may_start_steps(&self) -> bool {
+        self.exec.status == ExecutionStatus::Running && self.failure.is_none() && !self.timed_out
+    }
+
+    /// When the earliest retry waiting for its delay may start.
+    fn next_retry_at(&self) -> Option<DateTime<Utc>> {
+        if !self.may_start_steps() {
+            return None;
+        }
+        self.ready_steps()
+            .filter_map(|i| self.exec.steps[i].next_attempt_at)
+            .min()
+    }
+
+    /// A paused execution with work left waits for `ResumeExecution`.
+    fn waits_for_resume(&self) -> bool {
+        self.exec.status == ExecutionStatus::Paused
+            && self.failure.is_none()
+            && !self.timed_out
+            && self
+                .exec
+                .steps
+                .iter()
+                .any(|s| s.status == StepStatus::Pending)
+    }
+
+    /// The deadline, while it can still end the execution.
+    fn deadline_to_watch(&self) -> Option<DateTime<Utc>> {
+        let watching = matches!(
+            self.exec.status,
+            ExecutionStatus::Running | ExecutionStatus::Paused
+        );
+        self.exec.deadline.filter(|_| watching && !self.timed_out)
+    }
+
+    /// The deadline passed: running attempts are stopped now, nothing new
+    /// starts, and the execution fails once they have settled.
+    fn on_deadline(&mut self) {
+        let limit = self
+            .exec
+            .definition
+            .timeout
+            .map(|t| humantime::format_duration(t).to_string())
+            .unwrap_or_default();
+        self.timed_out = true;
+        self.failure = Some(format!("execution timed out after {limit}"));
+        self.running.values().for_each(CancellationToken::cancel);
+    }
+
+    /// Starts every ready step, in execution order, while slots are free;
+    /// a step whose condition is false is skipped (which may make others
+    /// ready). Returns false if the server is stopping.
     async fn start_ready_steps(&mut self) -> bool {
-        if self.exec.status != ExecutionStatus::Running || self.failure.is_some() {
-            return true;
+        loop {
+            if !self.may_start_steps() {
+                return true;
+            }
+            let now = Utc::now();
+            let mut free = self.max_parallel.saturating_sub(self.running.len());
+            let ready: Vec<usize> = self
+                .ready_steps()
+                .filter(|&i| {
+                    self.exec.steps[i]
+                        .next_attempt_at
+                        .is_none_or(|at| at <= now)
+                })
+                .collect();
+            let mut started = Vec::new();
+            let mut changed = Vec::new();
+            let mut events = Vec::new();
+            for i in ready {
+                let condition = self.exec.definition.steps[i].when.clone();
+                let verdict = if condition.is_empty() {
+                    Ok(true)
+                } else {
+                    let data = self.exec.step_input(&self.graph, i);
+                    condition::evaluate(&condition, &data, &self.exec.input)
+                };
+                match verdict {
+                    Ok(true) if free > 0 => {
+                        free -= 1;
+                        let step = &mut self.exec.steps[i];
+                        step.set_status(StepStatus::Running);
+                        step.attempt += 1;
+                        step.finished_at = None;
+                        step.output = None;
+                        step.error.clear();
+                        step.error_kind.clear();
+                        step.reason.clear();
+                        step.next_attempt_at = None;
+                        step.started_at = Some(now);
+                        events.push(self.event(EventKind::StepStarted, Some(i)));
+                        started.push(i);
+                        changed.push(i);
+                    }
+                    Ok(true) => {}
+                    Ok(false) => {
+                        let step = &mut self.exec.steps[i];
+                        step.set_status(StepStatus::Skipped);
+                        step.reason = format!("condition is false: {condition}");
+                        step.finished_at = Some(now);
+                        let mut event = self.event(EventKind::StepSkipped, Some(i));
+                        event.message = self.exec.steps[i].reason.clone();
+                        events.push(event);
+                        changed.push(i);
+                    }
+                    Err(problem) => {
+                        // A condition that cannot be evaluated fails the
+                        // step; trying again would not change the data.
+                        let step = &mut self.exec.steps[i];
+                        step.set_status(StepStatus::Running);
+                        step.set_status(StepStatus::Failed);
+                        step.attempt += 1;
+                        step.started_at = Some(now);
+                        step.error = format!("when: {problem}");
+                        step.error_kind = "condition".to_string();
+                        step.finished_at = Some(now);
+                        if !self.exec.definition.steps[i].continue_on_failure {
+                            self.failure.get_or_insert_with(|| {
+                                format!(
+                                    "step '{}' failed: when: {problem}",
+                                    self.exec.steps[i].name
+                                )
+                            });
+                        }
+                        events.push(self.step_event(EventKind::StepFailed, i));
+                        changed.push(i);
+                    }
+                }
+            }
+            if changed.is_empty() {
+                return true;
+            }
+            if !self.commit(&changed, events).await {
+                return false;
+            }
+            for &i in &started {
+                self.spawn_attempt(i);
+            }
+            // Only skips and failures can make more steps ready (or stop
+            // them); started steps cannot.
+            if started.len() == changed.len() {
+                return true;
+            }
         }
-        let free = self.max_parallel.saturating_sub(self.running.len());
-        let ready: Vec<usize> = self
-            .graph
-            .order
-            .iter()
-            .copied()
-            .filter(|&i| {
-                self.exec.steps[i].status == StepStatus::Pending
-                    && self.graph.needs[i]
-                        .iter()
-                        .all(|&d| self.exec.steps[d].status == StepStatus::Succeeded)
-            })
-            .take(free)
-            .collect();
-        if ready.is_empty() {
-            return true;
-        }
-        let now = Utc::now();
-        let mut events = Vec::with_capacity(ready.len());
-        for &i in &ready {
-            let step = &mut self.exec.steps[i];
-            step.set_status(StepStatus::Running);
-            step.attempt += 1;
-            step.finished_at = None;
-            step.output = None;
-            step.error.clear();
-            step.reason.clear();
-            step.started_at = Some(now);
-            let mut event = self.event(EventKind::StepStarted, Some(i));
-            event.attempt = self.exec.steps[i].attempt;
-            events.push(event);
-        }
-        if !self.commit(&ready, events).await {
-            return false;
-        }
-        for i in ready {
-            self.spawn_attempt(i);
-        }
-        true
     }
 
     fn spawn_attempt(&mut self, index: usize) {
@@ -200,88 +373,221 @@ impl Runner {
         let spec = self.exec.definition.steps[index].clone();
         let input = self.exec.step_input(&self.graph, index);
         let execution_id = self.exec.id.clone();
+        let pipeline_name = self.exec.pipeline_name.clone();
         let attempt = self.exec.steps[index].attempt;
         let shared = Arc::clone(&self.shared);
         let finished = self.finished_tx.clone();
+        let reporter = Reporter::new(index, attempt, self.reports_tx.clone());
         tokio::spawn(async move {
             let outcome = steps::run(Attempt {
                 kind: &spec.kind,
                 execution_id: &execution_id,
+                pipeline_name: &pipeline_name,
                 step_name: &spec.name,
                 attempt,
                 input,
                 timeout: spec.timeout,
                 commands: &shared.config.commands,
+                processes: shared.processes.as_ref(),
+                reporter: &reporter,
                 cancel,
             })
             .await;
-            let _ = finished.send(Finished { index, outcome });
+            let dropped = reporter.dropped();
+            let _ = finished.send(Finished {
+                index,
+                outcome,
+                dropped,
+            });
         });
     }
 
     async fn on_step_finished(&mut self, done: Finished) -> bool {
+        // Everything the attempt reported was queued before it finished.
+        while let Ok(report) = self.reports_rx.try_recv() {
+            self.pending_reports.push(report);
+        }
         self.running.remove(&done.index);
         let i = done.index;
+        let mut events = Vec::new();
+        if done.dropped > 0 {
+            let mut event = self.event(EventKind::StepLog, Some(i));
+            event.log_stream = Some(LogStream::System);
+            event.message = format!(
+                "{} log lines dropped: an attempt keeps at most {MAX_LINES_PER_ATTEMPT} lines and {} KiB",
+                done.dropped,
+                MAX_BYTES_PER_ATTEMPT / 1024
+            );
+            events.push(event);
+        }
+        let now = Utc::now();
+        let outcome = match done.outcome {
+            StepOutcome::Succeeded(output) => self.accept_output(i, output),
+            other => other,
+        };
         let step = &mut self.exec.steps[i];
-        step.finished_at = Some(Utc::now());
-        let kind = match done.outcome {
+        step.finished_at = Some(now);
+        let kind = match outcome {
             StepOutcome::Succeeded(output) => {
                 step.set_status(StepStatus::Succeeded);
                 step.output = Some(output);
                 self.exec.recompute_data(&self.graph);
                 EventKind::StepSucceeded
             }
-            StepOutcome::Failed(error) => {
-                step.set_status(StepStatus::Failed);
-                step.error = error;
-                self.failure
-                    .get_or_insert_with(|| format!("step '{}' failed: {}", step.name, step.error));
-                EventKind::StepFailed
-            }
+            StepOutcome::Failed(failure) => self.on_step_failed(i, failure, now),
             StepOutcome::Cancelled(reason) => {
                 step.set_status(StepStatus::Cancelled);
-                step.reason = reason;
+                step.reason = if self.timed_out {
+                    "execution timed out".to_string()
+                } else {
+                    reason
+                };
                 EventKind::StepCancelled
             }
         };
         let event = self.step_event(kind, i);
-        self.commit(&[i], vec![event]).await
+        events.push(event);
+        self.commit(&[i], events).await
+    }
+
+    /// Fails an output that would make the execution's data too large.
+    fn accept_output(&self, i: usize, output: JsonMap) -> StepOutcome {
+        let others: usize = self
+            .exec
+            .steps
+            .iter()
+            .enumerate()
+            .filter(|&(j, _)| j != i)
+            .filter_map(|(_, s)| s.output.as_ref())
+            .map(limits::json_size)
+            .sum();
+        if others + limits::json_size(&output) > limits::MAX_TOTAL_OUTPUT_BYTES {
+            return StepOutcome::Failed(StepFailure::new(
+                "data_too_large",
+                format!(
+                    "the outputs of this execution's steps would be more than {} bytes as JSON",
+                    limits::MAX_TOTAL_OUTPUT_BYTES
+                ),
+            ));
+        }
+        let mut data = self.exec.execution_data.clone();
+        crate::domain::data::merge(&mut data, &output);
+        if let Err(problem) = limits::check_object(&data, limits::MAX_EXECUTION_DATA_BYTES) {
+            return StepFailure::new(
+                "data_too_large",
+                format!("with this output the execution data {problem}"),
+            )
+            .into();
+        }
+        StepOutcome::Succeeded(output)
+    }
+
+    /// Records a failed attempt: another attempt is scheduled if the retry
+    /// policy allows, else the step fails (and with it the execution, unless
+    /// the step may fail).
+    fn on_step_failed(&mut self, i: usize, failure: StepFailure, now: DateTime<Utc>) -> EventKind {
+        let spec = &self.exec.definition.steps[i];
+        let policy = spec
+            .retry
+            .as_ref()
+            .or(self.exec.definition.default_retry.as_ref());
+        let may_retry = matches!(
+            self.exec.status,
+            ExecutionStatus::Running | ExecutionStatus::Paused
+        ) && !self.timed_out;
+        let step = &mut self.exec.steps[i];
+        step.error = failure.message;
+        step.error_kind = failure.kind;
+        match policy {
+            Some(policy) if may_retry && policy.retries(step.attempt, &step.error_kind) => {
+                let delay = policy.delay(step.attempt, random_unit());
+                step.set_status(StepStatus::Pending);
+                step.next_attempt_at = Some(now + delay);
+                EventKind::StepRetrying
+            }
+            _ => {
+                step.set_status(StepStatus::Failed);
+                if !spec.continue_on_failure {
+                    self.failure.get_or_insert_with(|| {
+                        format!("step '{}' failed: {}", step.name, step.error)
+                    });
+                }
+                EventKind::StepFailed
+            }
+        }
     }
 
     async fn on_control(&mut self, control: Control) -> bool {
-        match control {
-            Control::Cancel { mode, reply } => {
-                let target = match mode {
-                    CancelMode::Graceful => ExecutionStatus::Stopping,
-                    CancelMode::Terminate => ExecutionStatus::Terminating,
-                };
-                let status = self.exec.status;
-                // Repeating a cancel, or asking a terminating execution to
-                // stop gracefully, changes nothing and is not an error.
-                if status == target
-                    || (status == ExecutionStatus::Terminating && mode == CancelMode::Graceful)
-                {
-                    let _ = reply.send(Ok(self.exec.clone()));
-                    return true;
-                }
-                if let Err(e) = status.check(target, "cancel") {
-                    let _ = reply.send(Err(e));
-                    return true;
-                }
-                self.exec.set_status(target);
-                let mut event = self.event(EventKind::ExecutionCancelRequested, None);
-                event.message = mode.as_str().to_string();
-                if !self.commit(&[], vec![event]).await {
-                    let _ = reply.send(Err(Error::ShuttingDown));
-                    return false;
-                }
-                if mode == CancelMode::Terminate {
-                    self.running.values().for_each(CancellationToken::cancel);
-                }
+        let (reply, result) = match control {
+            Control::Cancel { mode, reply } => (reply, self.cancel(mode).await),
+            Control::Pause { reply } => (reply, self.pause_or_resume(true).await),
+            Control::Resume { reply } => (reply, self.pause_or_resume(false).await),
+        };
+        match result {
+            Ok(committed) => {
                 let _ = reply.send(Ok(self.exec.clone()));
+                committed
+            }
+            Err(error) => {
+                let _ = reply.send(Err(error));
                 true
             }
         }
+    }
+
+    /// Ok(false) if the change could not be committed (shutdown).
+    async fn cancel(&mut self, mode: CancelMode) -> Result<bool, Error> {
+        let target = match mode {
+            CancelMode::Graceful => ExecutionStatus::Stopping,
+            CancelMode::Terminate => ExecutionStatus::Terminating,
+        };
+        let status = self.exec.status;
+        // Repeating a cancel, or asking a terminating execution to stop
+        // gracefully, changes nothing and is not an error.
+        if status == target
+            || (status == ExecutionStatus::Terminating && mode == CancelMode::Graceful)
+        {
+            return Ok(true);
+        }
+        status.check(target, "cancel")?;
+        self.exec.set_status(target);
+        let mut event = self.event(EventKind::ExecutionCancelRequested, None);
+        event.message = mode.as_str().to_string();
+        if !self.commit(&[], vec![event]).await {
+            return Err(Error::ShuttingDown);
+        }
+        if mode == CancelMode::Terminate {
+            self.running.values().for_each(CancellationToken::cancel);
+        }
+        Ok(true)
+    }
+
+    async fn pause_or_resume(&mut self, pause: bool) -> Result<bool, Error> {
+        let (target, kind, action) = if pause {
+            (ExecutionStatus::Paused, EventKind::ExecutionPaused, "pause")
+        } else {
+            (
+                ExecutionStatus::Running,
+                EventKind::ExecutionResumed,
+                "resume",
+            )
+        };
+        if self.exec.status == target {
+            return Ok(true);
+        }
+        if !pause && self.exec.status != ExecutionStatus::Paused {
+            return Err(Error::FailedPrecondition(format!(
+                "cannot resume an execution that is {} (only paused executions resume)",
+                self.exec.status
+            )));
+        }
+        self.exec.status.check(target, action)?;
+        self.exec.set_status(target);
+        let event = self.event(kind, None);
+        if !self.commit(&[], vec![event]).await {
+            return Err(Error::ShuttingDown);
+        }
+        Ok(true)
     }
 
     /// Nothing is running any more: settles the remaining steps and the
@@ -334,6 +640,7 @@ impl Runner {
             step.set_status(step_status);
             step.reason = reason.clone();
             step.finished_at = Some(now);
+            step.next_attempt_at = None;
             let mut event = self.event(step_event, Some(i));
             event.message = reason.clone();
             events.push(event);
@@ -358,11 +665,13 @@ impl Runner {
         event.duration = self.exec.duration();
         event.execution_data = Some(self.exec.execution_data.clone());
         events.push(event);
+        let events = self.with_reports(events);
         if self.persist(&pending, &events).await {
             // Unregister before publishing, so that a client reacting to the
             // terminal event can retry the execution at once.
             self.unregister();
             self.shared.hub.publish(&events);
+            self.shared.execution_finished(&self.exec.pipeline_name);
         }
     }
 
@@ -378,9 +687,12 @@ impl Runner {
                 None => break,
             }
         }
-        // Answer pending cancel requests so their callers are not left waiting.
+        // Answer pending requests so their callers are not left waiting.
         self.control.close();
-        while let Ok(Control::Cancel { reply, .. }) = self.control.try_recv() {
+        while let Ok(control) = self.control.try_recv() {
+            let (Control::Cancel { reply, .. }
+            | Control::Pause { reply }
+            | Control::Resume { reply }) = control;
             let _ = reply.send(Err(Error::ShuttingDown));
         }
     }
@@ -397,8 +709,45 @@ impl Runner {
         }
     }
 
+    /// Turns the reports received so far into events placed before `events`.
+    fn with_reports(&mut self, events: Vec<Event>) -> Vec<Event> {
+        if self.pending_reports.is_empty() {
+            return events;
+        }
+        // The reports take sequences before the events already built: shift those.
+        let reports = std::mem::take(&mut self.pending_reports);
+        let shift = reports.len() as i64;
+        let first = self.exec.last_sequence - events.len() as i64 + 1;
+        let mut all = Vec::with_capacity(reports.len() + events.len());
+        for (k, report) in reports.into_iter().enumerate() {
+            let mut event = Event::new(&self.exec, first + k as i64, EventKind::StepLog);
+            let step = &self.exec.steps[report.index];
+            event.step_name = Some(step.name.clone());
+            event.attempt = report.attempt;
+            match report.report {
+                StepReport::Log { stream, line } => {
+                    event.log_stream = Some(stream);
+                    event.message = line;
+                }
+                StepReport::Progress { percent, message } => {
+                    event.kind = EventKind::StepProgress;
+                    event.step_percent = Some(percent);
+                    event.message = message;
+                }
+            }
+            all.push(event);
+        }
+        for mut event in events {
+            event.sequence += shift;
+            all.push(event);
+        }
+        self.exec.last_sequence += shift;
+        all
+    }
+
     /// Commits, then publishes. Returns false if the server is stopping.
     async fn commit(&mut self, changed: &[usize], events: Vec<Event>) -> bool {
+        let events = self.with_reports(events);
         if changed.is_empty() && events.is_empty() {
             return true;
         }
@@ -437,21 +786,12 @@ impl Runner {
     /// A new event for the execution's current state; takes the next sequence.
     fn event(&mut self, kind: EventKind, step: Option<usize>) -> Event {
         self.exec.last_sequence += 1;
-        let step = step.map(|i| &self.exec.steps[i]);
-        Event {
-            execution_id: self.exec.id.clone(),
-            sequence: self.exec.last_sequence,
-            kind,
-            time: Utc::now(),
-            execution_status: self.exec.status,
-            step_name: step.map(|s| s.name.clone()),
-            attempt: step.map_or(0, |s| s.attempt),
-            output: None,
-            message: String::new(),
-            duration: None,
-            progress: self.exec.progress(),
-            execution_data: None,
+        let mut event = Event::new(&self.exec, self.exec.last_sequence, kind);
+        if let Some(step) = step.map(|i| &self.exec.steps[i]) {
+            event.step_name = Some(step.name.clone());
+            event.attempt = step.attempt;
         }
+        event
     }
 
     /// An event for a step that just finished an attempt.
@@ -459,11 +799,36 @@ impl Runner {
         let mut event = self.event(kind, Some(index));
         let step = &self.exec.steps[index];
         event.output = step.output.clone();
-        event.message = match step.status {
-            StepStatus::Failed => step.error.clone(),
+        event.message = match kind {
+            EventKind::StepFailed | EventKind::StepRetrying => step.error.clone(),
             _ => step.reason.clone(),
         };
+        if matches!(kind, EventKind::StepFailed | EventKind::StepRetrying) {
+            event.error_kind = step.error_kind.clone();
+        }
+        event.next_attempt_at = step.next_attempt_at;
         event.duration = step.duration();
         event
     }
+}
+
+impl From<StepFailure> for StepOutcome {
+    fn from(failure: StepFailure) -> Self {
+        Self::Failed(failure)
+    }
+}
+
+/// Sleeps until `at` (at once if it has passed); forever if `None`.
+async fn sleep_until(at: Option<DateTime<Utc>>) {
+    match at {
+        Some(at) => tokio::time::sleep((at - Utc::now()).to_std().unwrap_or_default()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A random number in [0, 1) for retry jitter; needs no random crate.
+fn random_unit() -> f64 {
+    use std::hash::BuildHasher;
+    let bits = std::collections::hash_map::RandomState::new().hash_one(Utc::now());
+    (bits >> 11) as f64 / (1u64 << 53) as f64
 }

@@ -1,5 +1,9 @@
 //! Running one attempt of one step.
 
+mod grpc;
+mod http;
+pub mod logs;
+
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -8,19 +12,41 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
+use super::processes::ProcessRegistry;
 use crate::domain::data::JsonMap;
 use crate::domain::definition::{CommandPolicy, CommandSpec, StepKind};
+use crate::domain::limits;
+use crate::domain::status::LogStream;
+use logs::LineSplitter;
+pub use logs::{Reporter, StepReport};
 
 /// How many bytes of a command's stderr a failure message keeps (the tail).
 pub const STDERR_TAIL_BYTES: usize = 4096;
 /// Longest stdout line that is considered as a command's JSON output.
 pub const MAX_OUTPUT_LINE_BYTES: usize = 8 * 1024 * 1024;
 
+/// Why an attempt failed: a kind that retry policies match on, and a
+/// message for people.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepFailure {
+    pub kind: String,
+    pub message: String,
+}
+
+impl StepFailure {
+    pub fn new(kind: &str, message: impl Into<String>) -> Self {
+        Self {
+            kind: kind.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
 /// How an attempt ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StepOutcome {
     Succeeded(JsonMap),
-    Failed(String),
+    Failed(StepFailure),
     /// Stopped by a terminate request or by server shutdown.
     Cancelled(String),
 }
@@ -29,18 +55,24 @@ pub enum StepOutcome {
 pub struct Attempt<'a> {
     pub kind: &'a StepKind,
     pub execution_id: &'a str,
+    pub pipeline_name: &'a str,
     pub step_name: &'a str,
     pub attempt: u32,
     /// The input merged with the outputs of the step's ancestors.
     pub input: JsonMap,
     pub timeout: Option<Duration>,
     pub commands: &'a CommandPolicy,
+    /// Where running process groups are recorded, if anywhere.
+    pub processes: Option<&'a ProcessRegistry>,
+    /// Where log lines and progress go while the attempt runs.
+    pub reporter: &'a Reporter,
     /// Cancelled to stop the attempt now.
     pub cancel: CancellationToken,
 }
 
 /// Runs one attempt to its end, its timeout, or its cancellation. Dropping
 /// the work on timeout or cancellation kills a command's whole process group.
+/// An output over the size or nesting limits fails the attempt.
 pub async fn run(attempt: Attempt<'_>) -> StepOutcome {
     let cancel = attempt.cancel.clone();
     let timeout = attempt.timeout;
@@ -49,9 +81,9 @@ pub async fn run(attempt: Attempt<'_>) -> StepOutcome {
             Some(limit) => tokio::time::timeout(limit, execute(&attempt))
                 .await
                 .unwrap_or_else(|_| {
-                    Err(format!(
-                        "timed out after {}",
-                        humantime::format_duration(limit)
+                    Err(StepFailure::new(
+                        "timeout",
+                        format!("timed out after {}", humantime::format_duration(limit)),
                     ))
                 }),
             None => execute(&attempt).await,
@@ -60,24 +92,34 @@ pub async fn run(attempt: Attempt<'_>) -> StepOutcome {
     tokio::select! {
         biased;
         _ = cancel.cancelled() => StepOutcome::Cancelled("terminated".to_string()),
-        result = work => match result {
+        result = work => match result.and_then(check_output) {
             Ok(output) => StepOutcome::Succeeded(output),
-            Err(error) => StepOutcome::Failed(error),
+            Err(failure) => StepOutcome::Failed(failure),
         },
     }
 }
 
-async fn execute(attempt: &Attempt<'_>) -> Result<JsonMap, String> {
+fn check_output(output: JsonMap) -> Result<JsonMap, StepFailure> {
+    limits::check_object(&output, limits::MAX_STEP_OUTPUT_BYTES)
+        .map(|()| output)
+        .map_err(|problem| StepFailure::new("output_too_large", format!("the output {problem}")))
+}
+
+async fn execute(attempt: &Attempt<'_>) -> Result<JsonMap, StepFailure> {
     match attempt.kind {
         StepKind::Noop {} => Ok(JsonMap::new()),
         StepKind::Sleep { duration } => {
             tokio::time::sleep(*duration).await;
             Ok(JsonMap::new())
         }
-        StepKind::Fail { message } if message.is_empty() => Err("step failed".to_string()),
-        StepKind::Fail { message } => Err(message.clone()),
+        StepKind::Fail { message } if message.is_empty() => {
+            Err(StepFailure::new("failed", "step failed"))
+        }
+        StepKind::Fail { message } => Err(StepFailure::new("failed", message.clone())),
         StepKind::Set { values } => Ok(values.clone()),
         StepKind::Command(spec) => run_command(spec, attempt).await,
+        StepKind::Http(spec) => http::run(spec, attempt).await,
+        StepKind::Grpc(spec) => grpc::run(spec, attempt).await,
     }
 }
 
@@ -92,11 +134,14 @@ impl Drop for ProcessGroup {
     }
 }
 
-async fn run_command(spec: &CommandSpec, attempt: &Attempt<'_>) -> Result<JsonMap, String> {
+async fn run_command(spec: &CommandSpec, attempt: &Attempt<'_>) -> Result<JsonMap, StepFailure> {
     if !attempt.commands.allows(&spec.program) {
-        return Err(format!(
-            "program '{}' is not allowed on this server (see --allow-command)",
-            spec.program
+        return Err(StepFailure::new(
+            "start_failed",
+            format!(
+                "program '{}' is not allowed on this server (see --allow-command)",
+                spec.program
+            ),
         ));
     }
     let mut command = tokio::process::Command::new(&spec.program);
@@ -114,9 +159,15 @@ async fn run_command(spec: &CommandSpec, attempt: &Attempt<'_>) -> Result<JsonMa
     if !spec.working_dir.is_empty() {
         command.current_dir(&spec.working_dir);
     }
-    let mut child = command
-        .spawn()
-        .map_err(|e| format!("cannot start '{}': {e}", spec.program))?;
+    let mut child = command.spawn().map_err(|e| {
+        StepFailure::new(
+            "start_failed",
+            format!("cannot start '{}': {e}", spec.program),
+        )
+    })?;
+    let record = child
+        .id()
+        .and_then(|pid| attempt.processes.map(|registry| registry.record(pid)));
     let group = child
         .id()
         .map(|pid| ProcessGroup(Pid::from_raw(pid as i32)));
@@ -137,15 +188,28 @@ async fn run_command(spec: &CommandSpec, attempt: &Attempt<'_>) -> Result<JsonMa
         // The program is done: stop whatever it left behind, which also
         // closes the pipes those leftovers held open.
         drop(group);
+        drop(record);
         status
     };
     let ((), last_line, stderr_tail, status) = tokio::join!(
         write_stdin,
-        read_last_line(stdout),
-        read_tail(stderr, STDERR_TAIL_BYTES),
+        read_last_line(
+            stdout,
+            LineSplitter::new(attempt.reporter, LogStream::Stdout)
+        ),
+        read_tail(
+            stderr,
+            STDERR_TAIL_BYTES,
+            LineSplitter::new(attempt.reporter, LogStream::Stderr)
+        ),
         wait
     );
-    let status = status.map_err(|e| format!("waiting for '{}' failed: {e}", spec.program))?;
+    let status = status.map_err(|e| {
+        StepFailure::new(
+            "start_failed",
+            format!("waiting for '{}' failed: {e}", spec.program),
+        )
+    })?;
     if !status.success() {
         let how = match (
             status.code(),
@@ -157,11 +221,14 @@ async fn run_command(spec: &CommandSpec, attempt: &Attempt<'_>) -> Result<JsonMa
         };
         let tail = String::from_utf8_lossy(&stderr_tail);
         let tail = tail.trim();
-        return Err(if tail.is_empty() {
-            format!("{} {how}", spec.program)
-        } else {
-            format!("{} {how}: {tail}", spec.program)
-        });
+        return Err(StepFailure::new(
+            "exit_status",
+            if tail.is_empty() {
+                format!("{} {how}", spec.program)
+            } else {
+                format!("{} {how}: {tail}", spec.program)
+            },
+        ));
     }
     Ok(match serde_json::from_slice(&last_line) {
         Ok(serde_json::Value::Object(output)) => output,
@@ -169,8 +236,12 @@ async fn run_command(spec: &CommandSpec, attempt: &Attempt<'_>) -> Result<JsonMa
     })
 }
 
-/// The last non-empty line of a stream, reading it all in bounded memory.
-async fn read_last_line(stream: Option<impl AsyncRead + Unpin>) -> Vec<u8> {
+/// The last non-empty line of a stream, reading it all in bounded memory;
+/// every line also goes to `lines`.
+async fn read_last_line(
+    stream: Option<impl AsyncRead + Unpin>,
+    mut lines: LineSplitter<'_>,
+) -> Vec<u8> {
     let Some(mut stream) = stream else {
         return Vec::new();
     };
@@ -183,6 +254,7 @@ async fn read_last_line(stream: Option<impl AsyncRead + Unpin>) -> Vec<u8> {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
+        lines.feed(&buf[..n]);
         for line in buf[..n].split_inclusive(|&b| b == b'\n') {
             let complete = line.ends_with(b"\n");
             let line = line.strip_suffix(b"\n").unwrap_or(line);
@@ -202,14 +274,19 @@ async fn read_last_line(stream: Option<impl AsyncRead + Unpin>) -> Vec<u8> {
             }
         }
     }
+    lines.finish();
     if !too_long && !current.iter().all(u8::is_ascii_whitespace) {
         last = current;
     }
     last
 }
 
-/// The last `limit` bytes of a stream.
-async fn read_tail(stream: Option<impl AsyncRead + Unpin>, limit: usize) -> Vec<u8> {
+/// The last `limit` bytes of a stream; every line also goes to `lines`.
+async fn read_tail(
+    stream: Option<impl AsyncRead + Unpin>,
+    limit: usize,
+    mut lines: LineSplitter<'_>,
+) -> Vec<u8> {
     let Some(mut stream) = stream else {
         return Vec::new();
     };
@@ -219,6 +296,7 @@ async fn read_tail(stream: Option<impl AsyncRead + Unpin>, limit: usize) -> Vec<
         match stream.read(&mut buf).await {
             Ok(0) | Err(_) => break,
             Ok(n) => {
+                lines.feed(&buf[..n]);
                 tail.extend_from_slice(&buf[..n]);
                 if tail.len() > limit {
                     tail.drain(..tail.len() - limit);
@@ -226,6 +304,7 @@ async fn read_tail(stream: Option<impl AsyncRead + Unpin>, limit: usize) -> Vec<
             }
         }
     }
+    lines.finish();
     tail
 }
 
@@ -235,15 +314,22 @@ mod tests {
 
     #[tokio::test]
     async fn last_line_skips_trailing_blank_lines() {
+        let reporter = Reporter::discard();
+        let lines = || LineSplitter::new(&reporter, LogStream::Stdout);
         let data: &[u8] = b"log\n{\"a\":1}\n\n";
-        assert_eq!(read_last_line(Some(data)).await, b"{\"a\":1}");
+        assert_eq!(read_last_line(Some(data), lines()).await, b"{\"a\":1}");
         let unterminated: &[u8] = b"x\n{\"b\":2}";
-        assert_eq!(read_last_line(Some(unterminated)).await, b"{\"b\":2}");
+        assert_eq!(
+            read_last_line(Some(unterminated), lines()).await,
+            b"{\"b\":2}"
+        );
     }
 
     #[tokio::test]
     async fn tail_keeps_the_end() {
         let data = vec![b'x'; 10_000];
-        assert_eq!(read_tail(Some(&data[..]), 100).await.len(), 100);
+        let reporter = Reporter::discard();
+        let lines = LineSplitter::new(&reporter, LogStream::Stderr);
+        assert_eq!(read_tail(Some(&data[..]), 100, lines).await.len(), 100);
     }
 }

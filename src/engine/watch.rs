@@ -1,29 +1,69 @@
 //! `WatchExecution`: stored events, then live ones, with no gap and no
-//! duplicate at the seam.
+//! duplicate at the seam; and `WatchExecutions`: live events of every
+//! execution.
 //!
 //! The watcher subscribes to the hub *before* reading the database. Every
 //! event is committed before it is published, so an event is either already
 //! in the database when it is read, or published after the subscription;
 //! sequence numbers drop the ones seen both ways. A watcher that lags behind
-//! the live buffer, or sees a gap, reads the database again.
+//! the live buffer, or sees a gap, reads the database again. A stream that
+//! has sent nothing for the heartbeat interval sends a heartbeat, so that
+//! proxies with idle timeouts keep it open.
 
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
+use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::Shared;
 use crate::domain::Error;
 use crate::domain::model::Event;
+use crate::domain::status::{EventKind, ExecutionStatus};
 
 /// Events read from the database per query while catching up.
 const CATCH_UP_BATCH: u64 = 512;
-/// Events queued per watcher between its task and its gRPC stream.
+/// Items queued per watcher between its task and its gRPC stream.
 const STREAM_BUFFER: usize = 64;
 
+/// One item of a watch stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WatchItem {
+    /// Shared with the hub and other watchers, not copied.
+    Event(Arc<Event>),
+    /// Nothing happened for a while; carries the server's time.
+    Heartbeat(DateTime<Utc>),
+}
+
 /// The stream of one watcher.
-pub type WatchStream = ReceiverStream<Result<Event, Error>>;
+pub type WatchStream = ReceiverStream<Result<WatchItem, Error>>;
+
+/// Which events a watcher of all executions receives; empty lists match all.
+#[derive(Debug, Clone, Default)]
+pub struct AllEventsFilter {
+    pub pipeline_name: Option<String>,
+    pub statuses: Vec<ExecutionStatus>,
+    pub kinds: Vec<EventKind>,
+}
+
+impl AllEventsFilter {
+    fn matches(&self, event: &Event) -> bool {
+        self.pipeline_name
+            .as_ref()
+            .is_none_or(|name| *name == event.pipeline_name)
+            && (self.statuses.is_empty() || self.statuses.contains(&event.execution_status))
+            && (self.kinds.is_empty() || self.kinds.contains(&event.kind))
+    }
+}
+
+fn heartbeat(shared: &Shared) -> Interval {
+    let period = shared.config.heartbeat_interval;
+    let mut interval = tokio::time::interval_at(Instant::now() + period, period);
+    interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    interval
+}
 
 pub(super) async fn watch(shared: Arc<Shared>, id: &str, after: i64) -> Result<WatchStream, Error> {
     if after < 0 {
@@ -38,6 +78,7 @@ pub(super) async fn watch(shared: Arc<Shared>, id: &str, after: i64) -> Result<W
         let mut subscription = subscription;
         let mut sent = after;
         let mut finished_at_start = status.is_terminal();
+        let mut idle = heartbeat(&shared);
         loop {
             // Catch up from the database.
             let mut last_was_terminal = false;
@@ -53,9 +94,14 @@ pub(super) async fn watch(shared: Arc<Shared>, id: &str, after: i64) -> Result<W
                 for event in batch {
                     sent = event.sequence;
                     last_was_terminal = event.kind.is_terminal();
-                    if tx.send(Ok(event)).await.is_err() {
+                    if tx
+                        .send(Ok(WatchItem::Event(Arc::new(event))))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
+                    idle.reset();
                 }
                 if complete {
                     break;
@@ -79,13 +125,19 @@ pub(super) async fn watch(shared: Arc<Shared>, id: &str, after: i64) -> Result<W
                         Ok(event) if event.sequence == sent + 1 => {
                             sent = event.sequence;
                             let terminal = event.kind.is_terminal();
-                            if tx.send(Ok((*event).clone())).await.is_err() || terminal {
+                            if tx.send(Ok(WatchItem::Event(Arc::clone(&event)))).await.is_err() || terminal {
                                 return;
                             }
+                            idle.reset();
                         }
                         Ok(_) | Err(RecvError::Lagged(_)) => break,
                         Err(RecvError::Closed) => return,
                     },
+                    _ = idle.tick() => {
+                        if tx.send(Ok(WatchItem::Heartbeat(Utc::now()))).await.is_err() {
+                            return;
+                        }
+                    }
                     _ = tx.closed() => return,
                     _ = shared.shutdown.cancelled() => {
                         let _ = tx.send(Err(Error::ShuttingDown)).await;
@@ -96,4 +148,50 @@ pub(super) async fn watch(shared: Arc<Shared>, id: &str, after: i64) -> Result<W
         }
     });
     Ok(ReceiverStream::new(rx))
+}
+
+/// Live events of all executions. There is no replay: a watcher that falls
+/// more than the hub's buffer behind is told so (ABORTED) and should
+/// reconcile with `ListExecutions` before watching again.
+pub(super) fn watch_all(shared: Arc<Shared>, filter: AllEventsFilter) -> WatchStream {
+    let mut events = shared.hub.subscribe_all();
+    let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+    tokio::spawn(async move {
+        let mut idle = heartbeat(&shared);
+        loop {
+            tokio::select! {
+                received = events.recv() => match received {
+                    Ok(event) => {
+                        if filter.matches(&event) {
+                            if tx.send(Ok(WatchItem::Event(Arc::clone(&event)))).await.is_err() {
+                                return;
+                            }
+                            idle.reset();
+                        }
+                    }
+                    Err(RecvError::Lagged(missed)) => {
+                        let _ = tx
+                            .send(Err(Error::Lagged(format!(
+                                "this watcher fell behind and missed {missed} events; \
+                                 list executions to catch up, then watch again"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    Err(RecvError::Closed) => return,
+                },
+                _ = idle.tick() => {
+                    if tx.send(Ok(WatchItem::Heartbeat(Utc::now()))).await.is_err() {
+                        return;
+                    }
+                }
+                _ = tx.closed() => return,
+                _ = shared.shutdown.cancelled() => {
+                    let _ = tx.send(Err(Error::ShuttingDown)).await;
+                    return;
+                }
+            }
+        }
+    });
+    ReceiverStream::new(rx)
 }

@@ -12,15 +12,15 @@ use sea_orm::sea_query::OnConflict;
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection,
-    DbErr, EntityTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
+    DbErr, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, TransactionTrait,
 };
 use serde_json::Value;
 
 use crate::domain::data::JsonMap;
-use crate::domain::definition::PipelineSpec;
+use crate::domain::definition::{ConcurrencyMode, ConcurrencyPolicy, PipelineSpec};
 use crate::domain::model::{Event, Execution, Pipeline, StepRun, Trigger};
-use crate::domain::status::{ExecutionStatus, StepStatus, TriggerKind};
-use entities::{execution, execution_event, execution_step, pipeline};
+use crate::domain::status::{EventKind, ExecutionStatus, StepStatus, TriggerKind};
+use entities::{execution, execution_event, execution_label, execution_step, pipeline};
 
 /// Everything storage can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -37,17 +37,44 @@ pub enum StoreError {
     /// The row was not in the state the write expected.
     #[error("{0}")]
     Conflict(String),
+    /// A request id was used before for a different request.
+    #[error("request_id '{0}' was already used for a different request")]
+    RequestIdReused(String),
+    /// A pipeline's concurrency cap refuses a new execution.
+    #[error("{0}")]
+    LimitReached(String),
 }
 
 type Result<T> = std::result::Result<T, StoreError>;
 
 /// Statuses of executions that are not finished.
-pub const ACTIVE_STATUSES: [ExecutionStatus; 4] = [
+pub const ACTIVE_STATUSES: [ExecutionStatus; 6] = [
+    ExecutionStatus::Queued,
     ExecutionStatus::Pending,
     ExecutionStatus::Running,
+    ExecutionStatus::Paused,
     ExecutionStatus::Stopping,
     ExecutionStatus::Terminating,
 ];
+
+/// Statuses that hold one of a pipeline's concurrency slots.
+pub const SLOT_STATUSES: [ExecutionStatus; 5] = [
+    ExecutionStatus::Pending,
+    ExecutionStatus::Running,
+    ExecutionStatus::Paused,
+    ExecutionStatus::Stopping,
+    ExecutionStatus::Terminating,
+];
+
+/// What [`Store::admit_execution`] did.
+#[derive(Debug)]
+pub enum Admission {
+    /// Stored as pending (it may start) or queued (it waits for a slot).
+    /// `to_cancel` lists executions the `cancel_oldest` policy evicts.
+    Created { to_cancel: Vec<String> },
+    /// The request id was seen before with the same request: that execution.
+    Existing(Box<Execution>),
+}
 
 /// Filter and page of `ListExecutions`.
 #[derive(Debug, Clone, Default)]
@@ -56,6 +83,9 @@ pub struct ExecutionFilter {
     pub statuses: Vec<ExecutionStatus>,
     /// Only executions with an id lower than this (ids are time-ordered).
     pub before_id: Option<String>,
+    pub correlation_id: Option<String>,
+    /// Only executions carrying every one of these labels.
+    pub labels: BTreeMap<String, String>,
     pub limit: u64,
 }
 
@@ -209,9 +239,89 @@ impl Store {
 
     // ----- executions -----
 
-    /// Stores a new execution with its steps.
-    pub async fn insert_execution(&self, exec: &Execution) -> Result<()> {
+    /// Stores a new execution with its steps and labels, atomically applying
+    /// its request id and its pipeline's concurrency cap: a known request id
+    /// returns the stored execution (or fails if the request differs); at the
+    /// cap the execution is queued, refused or queued while the oldest active
+    /// ones are evicted, as the policy says. `exec.status` must be `Pending`;
+    /// it becomes `Queued` (with its first event) if it has to wait.
+    pub async fn admit_execution(
+        &self,
+        exec: &mut Execution,
+        cap: Option<&ConcurrencyPolicy>,
+    ) -> Result<Admission> {
         let txn = self.writer.begin().await?;
+        lock_pipeline(&txn, &exec.pipeline_name).await?;
+        if let Some(request_id) = &exec.request_id {
+            let existing = execution::Entity::find()
+                .filter(execution::Column::RequestId.eq(request_id))
+                .one(&txn)
+                .await?;
+            if let Some(row) = existing {
+                if row.request_fingerprint != exec.request_fingerprint {
+                    return Err(StoreError::RequestIdReused(request_id.clone()));
+                }
+                let steps = steps_of(&txn, &row.id).await?;
+                return Ok(Admission::Existing(Box::new(execution_from_rows(
+                    row, steps,
+                )?)));
+            }
+        }
+        let mut to_cancel = Vec::new();
+        if let Some(cap) = cap.filter(|c| c.max_active > 0) {
+            let holding: Vec<(String, String)> = execution::Entity::find()
+                .select_only()
+                .column(execution::Column::Id)
+                .column(execution::Column::Status)
+                .filter(execution::Column::PipelineName.eq(&exec.pipeline_name))
+                .filter(
+                    execution::Column::Status.is_in(
+                        SLOT_STATUSES
+                            .iter()
+                            .chain([&ExecutionStatus::Queued])
+                            .map(|s| s.as_str()),
+                    ),
+                )
+                .order_by_asc(execution::Column::Id)
+                .into_tuple()
+                .all(&txn)
+                .await?;
+            let queued = holding
+                .iter()
+                .filter(|(_, s)| s == ExecutionStatus::Queued.as_str())
+                .count();
+            let active: Vec<&(String, String)> = holding
+                .iter()
+                .filter(|(_, s)| s != ExecutionStatus::Queued.as_str())
+                .collect();
+            let max = cap.max_active as usize;
+            if active.len() >= max || queued > 0 {
+                match cap.mode {
+                    ConcurrencyMode::Reject => {
+                        return Err(StoreError::LimitReached(format!(
+                            "pipeline '{}' already has {} active executions, its limit \
+                             (concurrency.max_active = {max}, mode reject); try again later",
+                            exec.pipeline_name,
+                            active.len()
+                        )));
+                    }
+                    ConcurrencyMode::CancelOldest => {
+                        // Evict enough of the oldest to make room for every
+                        // queued execution and this one; ones already on
+                        // their way out count as evicted.
+                        let excess = (active.len() + queued + 1).saturating_sub(max);
+                        to_cancel = active
+                            .iter()
+                            .take(excess)
+                            .filter(|(_, s)| s != ExecutionStatus::Terminating.as_str())
+                            .map(|(id, _)| id.clone())
+                            .collect();
+                    }
+                    ConcurrencyMode::Queue => {}
+                }
+                exec.status = ExecutionStatus::Queued;
+            }
+        }
         execution::Entity::insert(execution_row(exec))
             .exec_without_returning(&txn)
             .await?;
@@ -223,8 +333,111 @@ impl Store {
         )
         .exec_without_returning(&txn)
         .await?;
+        if !exec.labels.is_empty() {
+            execution_label::Entity::insert_many(exec.labels.iter().map(|(key, value)| {
+                execution_label::ActiveModel {
+                    execution_id: Set(exec.id.clone()),
+                    key: Set(key.clone()),
+                    value: Set(value.clone()),
+                }
+            }))
+            .exec_without_returning(&txn)
+            .await?;
+        }
+        if exec.status == ExecutionStatus::Queued {
+            exec.last_sequence = 1;
+            let event = Event {
+                message: format!(
+                    "waiting for a slot: pipeline '{}' is at its concurrency limit",
+                    exec.pipeline_name
+                ),
+                ..Event::new(exec, 1, EventKind::ExecutionQueued)
+            };
+            execution::Entity::update_many()
+                .col_expr(execution::Column::LastSequence, 1.into())
+                .filter(execution::Column::Id.eq(&exec.id))
+                .exec(&txn)
+                .await?;
+            execution_event::Entity::insert(event_row(&event))
+                .exec_without_returning(&txn)
+                .await?;
+        }
         txn.commit().await?;
-        Ok(())
+        Ok(Admission::Created { to_cancel })
+    }
+
+    /// Moves the oldest queued executions of a pipeline to pending while it
+    /// has free slots under `cap` (all of them when there is no cap), and
+    /// returns them.
+    pub async fn promote_queued(
+        &self,
+        pipeline_name: &str,
+        cap: Option<&ConcurrencyPolicy>,
+    ) -> Result<Vec<Execution>> {
+        let txn = self.writer.begin().await?;
+        lock_pipeline(&txn, pipeline_name).await?;
+        let free = match cap.filter(|c| c.max_active > 0) {
+            Some(cap) => {
+                let active = execution::Entity::find()
+                    .filter(execution::Column::PipelineName.eq(pipeline_name))
+                    .filter(
+                        execution::Column::Status.is_in(SLOT_STATUSES.map(ExecutionStatus::as_str)),
+                    )
+                    .count(&txn)
+                    .await?;
+                (cap.max_active as u64).saturating_sub(active)
+            }
+            None => u64::MAX,
+        };
+        if free == 0 {
+            return Ok(Vec::new());
+        }
+        let rows = execution::Entity::find()
+            .filter(execution::Column::PipelineName.eq(pipeline_name))
+            .filter(execution::Column::Status.eq(ExecutionStatus::Queued.as_str()))
+            .order_by_asc(execution::Column::Id)
+            .limit(free)
+            .all(&txn)
+            .await?;
+        let mut promoted = Vec::with_capacity(rows.len());
+        for row in rows {
+            execution::Entity::update_many()
+                .col_expr(
+                    execution::Column::Status,
+                    ExecutionStatus::Pending.as_str().into(),
+                )
+                .filter(execution::Column::Id.eq(&row.id))
+                .exec(&txn)
+                .await?;
+            let steps = steps_of(&txn, &row.id).await?;
+            let mut exec = execution_from_rows(row, steps)?;
+            exec.set_status(ExecutionStatus::Pending);
+            promoted.push(exec);
+        }
+        txn.commit().await?;
+        Ok(promoted)
+    }
+
+    /// Whether the pipeline has queued executions.
+    pub async fn has_queued(&self, pipeline_name: &str) -> Result<bool> {
+        Ok(execution::Entity::find()
+            .filter(execution::Column::PipelineName.eq(pipeline_name))
+            .filter(execution::Column::Status.eq(ExecutionStatus::Queued.as_str()))
+            .count(&self.writer)
+            .await?
+            > 0)
+    }
+
+    /// Names of pipelines with queued executions.
+    pub async fn pipelines_with_queued(&self) -> Result<Vec<String>> {
+        Ok(execution::Entity::find()
+            .select_only()
+            .column(execution::Column::PipelineName)
+            .filter(execution::Column::Status.eq(ExecutionStatus::Queued.as_str()))
+            .distinct()
+            .into_tuple()
+            .all(&self.reader)
+            .await?)
     }
 
     /// Commits a state change of `exec` in one transaction: the execution
@@ -269,6 +482,8 @@ impl Store {
                     execution_step::Column::Output,
                     execution_step::Column::Error,
                     execution_step::Column::Reason,
+                    execution_step::Column::NextAttemptAt,
+                    execution_step::Column::ErrorKind,
                 ])
                 .to_owned(),
             )
@@ -292,11 +507,7 @@ impl Store {
                 kind: "execution",
                 id: id.to_string(),
             })?;
-        let steps = execution_step::Entity::find()
-            .filter(execution_step::Column::ExecutionId.eq(id))
-            .order_by_asc(execution_step::Column::Position)
-            .all(&self.reader)
-            .await?;
+        let steps = steps_of(&self.reader, id).await?;
         execution_from_rows(row, steps)
     }
 
@@ -331,6 +542,21 @@ impl Store {
         }
         if let Some(before) = &filter.before_id {
             query = query.filter(execution::Column::Id.lt(before));
+        }
+        if let Some(correlation_id) = &filter.correlation_id {
+            query = query.filter(execution::Column::CorrelationId.eq(correlation_id));
+        }
+        for (key, value) in &filter.labels {
+            query = query.filter(
+                execution::Column::Id.in_subquery(
+                    sea_orm::sea_query::Query::select()
+                        .column(execution_label::Column::ExecutionId)
+                        .from(execution_label::Entity)
+                        .and_where(execution_label::Column::Key.eq(key))
+                        .and_where(execution_label::Column::Value.eq(value))
+                        .to_owned(),
+                ),
+            );
         }
         let rows = query.all(&self.reader).await?;
         let mut steps: HashMap<String, Vec<execution_step::Model>> = HashMap::new();
@@ -400,6 +626,29 @@ fn sqlite_options(url: &str, connections: u32) -> ConnectOptions {
     options
 }
 
+async fn steps_of(db: &impl ConnectionTrait, id: &str) -> Result<Vec<execution_step::Model>> {
+    Ok(execution_step::Entity::find()
+        .filter(execution_step::Column::ExecutionId.eq(id))
+        .order_by_asc(execution_step::Column::Position)
+        .all(db)
+        .await?)
+}
+
+/// Serialises admissions of one pipeline across connections and servers. On
+/// SQLite the single writer connection already does; on PostgreSQL a
+/// transaction-scoped advisory lock on the pipeline's name does.
+async fn lock_pipeline(db: &impl ConnectionTrait, name: &str) -> Result<()> {
+    if db.get_database_backend() == sea_orm::DbBackend::Postgres {
+        db.execute_raw(sea_orm::Statement::from_sql_and_values(
+            sea_orm::DbBackend::Postgres,
+            "SELECT pg_advisory_xact_lock(hashtext($1))",
+            [name.into()],
+        ))
+        .await?;
+    }
+    Ok(())
+}
+
 async fn latest_version(db: &impl ConnectionTrait, name: &str) -> Result<Option<i64>> {
     let version: Option<Option<i64>> = pipeline::Entity::find()
         .select_only()
@@ -463,6 +712,9 @@ fn execution_row(exec: &Execution) -> execution::ActiveModel {
         started_at: Set(exec.started_at),
         finished_at: Set(exec.finished_at),
         last_sequence: Set(exec.last_sequence),
+        request_id: Set(exec.request_id.clone()),
+        request_fingerprint: Set(exec.request_fingerprint.clone()),
+        deadline_at: Set(exec.deadline),
     }
 }
 
@@ -478,6 +730,8 @@ fn step_row(execution_id: &str, position: usize, step: &StepRun) -> execution_st
         output: Set(step.output.clone().map(Value::Object)),
         error: Set(step.error.clone()),
         reason: Set(step.reason.clone()),
+        next_attempt_at: Set(step.next_attempt_at),
+        error_kind: Set(step.error_kind.clone()),
     }
 }
 
@@ -533,7 +787,9 @@ fn execution_from_rows(
                 finished_at: s.finished_at,
                 output: s.output.map(|o| object(o, "step output")).transpose()?,
                 error: s.error,
+                error_kind: s.error_kind,
                 reason: s.reason,
+                next_attempt_at: s.next_attempt_at,
                 name: s.name,
             })
         })
@@ -554,6 +810,9 @@ fn execution_from_rows(
         started_at: row.started_at,
         finished_at: row.finished_at,
         last_sequence: row.last_sequence,
+        request_id: row.request_id,
+        request_fingerprint: row.request_fingerprint,
+        deadline: row.deadline_at,
         steps,
     })
 }

@@ -8,9 +8,14 @@ use prost_types::value::Kind;
 use serde_json::Value;
 
 use crate::domain::data::JsonMap;
-use crate::domain::definition::{CommandSpec, PipelineSpec, StepKind, StepSpec};
+use crate::domain::definition::{
+    CommandSpec, ConcurrencyMode, ConcurrencyPolicy, GrpcSpec, HttpSpec, PipelineSpec, RetryPolicy,
+    StepKind, StepSpec,
+};
 use crate::domain::model::{Event, Execution, Pipeline, Progress, StepRun, Trigger};
-use crate::domain::status::{CancelMode, EventKind, ExecutionStatus, StepStatus, TriggerKind};
+use crate::domain::status::{
+    CancelMode, EventKind, ExecutionStatus, LogStream, StepStatus, TriggerKind,
+};
 use crate::domain::{Error, FieldViolation};
 use crate::proto::v1 as pb;
 
@@ -146,11 +151,46 @@ pub fn spec_from_proto(pipeline: Option<pb::Pipeline>, path: &str) -> Result<Pip
             description: String::new(),
             steps: Vec::new(),
             max_parallel_steps: 0,
+            default_retry: None,
+            timeout: None,
+            concurrency: None,
         });
     };
     if pipeline.max_parallel_steps < 0 {
         v.add(format!("{path}.max_parallel_steps"), "must not be negative");
     }
+    let default_retry = pipeline
+        .default_retry
+        .map(|r| retry_from_proto(r, &format!("{path}.default_retry"), &mut v));
+    let timeout = pipeline
+        .timeout
+        .and_then(|d| duration_from_proto(d, &format!("{path}.timeout"), &mut v));
+    let concurrency = pipeline.concurrency.map(|c| {
+        if c.max_active < 0 {
+            v.add(
+                format!("{path}.concurrency.max_active"),
+                "must not be negative",
+            );
+        }
+        let mode = match pb::ConcurrencyMode::try_from(c.mode) {
+            Ok(pb::ConcurrencyMode::Unspecified | pb::ConcurrencyMode::Queue) => {
+                ConcurrencyMode::Queue
+            }
+            Ok(pb::ConcurrencyMode::Reject) => ConcurrencyMode::Reject,
+            Ok(pb::ConcurrencyMode::CancelOldest) => ConcurrencyMode::CancelOldest,
+            Err(_) => {
+                v.add(
+                    format!("{path}.concurrency.mode"),
+                    format!("{} is not a concurrency mode", c.mode),
+                );
+                ConcurrencyMode::Queue
+            }
+        };
+        ConcurrencyPolicy {
+            max_active: c.max_active.max(0) as u32,
+            mode,
+        }
+    });
     let steps = pipeline
         .steps
         .into_iter()
@@ -162,8 +202,56 @@ pub fn spec_from_proto(pipeline: Option<pb::Pipeline>, path: &str) -> Result<Pip
         description: pipeline.description,
         steps,
         max_parallel_steps: pipeline.max_parallel_steps.max(0) as u32,
+        default_retry,
+        timeout,
+        concurrency,
     };
     v.into_result(spec)
+}
+
+fn retry_from_proto(retry: pb::RetryPolicy, path: &str, v: &mut Violations) -> RetryPolicy {
+    if retry.max_attempts < 0 {
+        v.add(format!("{path}.max_attempts"), "must not be negative");
+    }
+    for (field, value) in [
+        ("backoff_coefficient", retry.backoff_coefficient),
+        ("jitter", retry.jitter),
+    ] {
+        if !value.is_finite() {
+            v.add(format!("{path}.{field}"), "must be a finite number");
+        }
+    }
+    RetryPolicy {
+        max_attempts: retry.max_attempts.max(0) as u32,
+        initial_interval: retry
+            .initial_interval
+            .and_then(|d| duration_from_proto(d, &format!("{path}.initial_interval"), v)),
+        backoff_coefficient: if retry.backoff_coefficient.is_finite() {
+            retry.backoff_coefficient
+        } else {
+            0.0
+        },
+        max_interval: retry
+            .max_interval
+            .and_then(|d| duration_from_proto(d, &format!("{path}.max_interval"), v)),
+        jitter: if retry.jitter.is_finite() {
+            retry.jitter
+        } else {
+            0.0
+        },
+        non_retryable_errors: retry.non_retryable_errors,
+    }
+}
+
+fn retry_to_proto(retry: &RetryPolicy) -> pb::RetryPolicy {
+    pb::RetryPolicy {
+        max_attempts: retry.max_attempts as i32,
+        initial_interval: retry.initial_interval.map(duration_to_proto),
+        backoff_coefficient: retry.backoff_coefficient,
+        max_interval: retry.max_interval.map(duration_to_proto),
+        jitter: retry.jitter,
+        non_retryable_errors: retry.non_retryable_errors.clone(),
+    }
 }
 
 fn step_from_proto(step: pb::Step, path: &str, v: &mut Violations) -> StepSpec {
@@ -175,7 +263,10 @@ fn step_from_proto(step: pb::Step, path: &str, v: &mut Violations) -> StepSpec {
         None => {
             v.add(
                 format!("{path}.kind"),
-                "a step kind is required: one of noop, sleep, fail, set, command",
+                format!(
+                    "a step kind is required: one of {}",
+                    StepKind::NAMES.join(", ")
+                ),
             );
             StepKind::Noop {}
         }
@@ -203,11 +294,44 @@ fn step_from_proto(step: pb::Step, path: &str, v: &mut Violations) -> StepSpec {
             env: c.env.into_iter().collect(),
             working_dir: c.working_dir,
         }),
+        Some(K::Http(h)) => StepKind::Http(HttpSpec {
+            method: h.method,
+            url: h.url,
+            headers: h.headers.into_iter().collect(),
+            body: h
+                .body
+                .map(|b| struct_to_json(Some(b), &format!("{path}.http.body"), v)),
+            expected_statuses: h
+                .expected_statuses
+                .iter()
+                .enumerate()
+                .map(|(j, &status)| {
+                    u16::try_from(status).unwrap_or_else(|_| {
+                        v.add(
+                            format!("{path}.http.expected_statuses[{j}]"),
+                            "must be an HTTP status from 100 to 599",
+                        );
+                        0
+                    })
+                })
+                .collect(),
+        }),
+        Some(K::Grpc(g)) => StepKind::Grpc(GrpcSpec {
+            address: g.address,
+            config: struct_to_json(g.config, &format!("{path}.grpc.config"), v),
+            metadata: g.metadata.into_iter().collect(),
+        }),
     };
+    let retry = step
+        .retry
+        .map(|r| retry_from_proto(r, &format!("{path}.retry"), v));
     StepSpec {
         name: step.name,
         needs: step.needs,
         timeout,
+        when: step.when,
+        continue_on_failure: step.continue_on_failure,
+        retry,
         kind,
     }
 }
@@ -240,6 +364,16 @@ pub fn spec_to_proto(spec: &PipelineSpec) -> pb::Pipeline {
         description: spec.description.clone(),
         max_parallel_steps: spec.max_parallel_steps as i32,
         created_at: None,
+        default_retry: spec.default_retry.as_ref().map(retry_to_proto),
+        timeout: spec.timeout.map(duration_to_proto),
+        concurrency: spec.concurrency.as_ref().map(|c| pb::ConcurrencyPolicy {
+            max_active: c.max_active as i32,
+            mode: match c.mode {
+                ConcurrencyMode::Queue => pb::ConcurrencyMode::Queue,
+                ConcurrencyMode::Reject => pb::ConcurrencyMode::Reject,
+                ConcurrencyMode::CancelOldest => pb::ConcurrencyMode::CancelOldest,
+            } as i32,
+        }),
         steps: spec
             .steps
             .iter()
@@ -247,6 +381,9 @@ pub fn spec_to_proto(spec: &PipelineSpec) -> pb::Pipeline {
                 name: s.name.clone(),
                 needs: s.needs.clone(),
                 timeout: s.timeout.map(duration_to_proto),
+                when: s.when.clone(),
+                continue_on_failure: s.continue_on_failure,
+                retry: s.retry.as_ref().map(retry_to_proto),
                 kind: Some(match &s.kind {
                     StepKind::Noop {} => K::Noop(pb::NoopStep {}),
                     StepKind::Sleep { duration } => K::Sleep(pb::SleepStep {
@@ -263,6 +400,22 @@ pub fn spec_to_proto(spec: &PipelineSpec) -> pb::Pipeline {
                         args: c.args.clone(),
                         env: c.env.clone().into_iter().collect(),
                         working_dir: c.working_dir.clone(),
+                    }),
+                    StepKind::Http(h) => K::Http(pb::HttpStep {
+                        method: h.method.clone(),
+                        url: h.url.clone(),
+                        headers: h.headers.clone().into_iter().collect(),
+                        body: h.body.as_ref().map(json_to_struct),
+                        expected_statuses: h
+                            .expected_statuses
+                            .iter()
+                            .map(|&s| i32::from(s))
+                            .collect(),
+                    }),
+                    StepKind::Grpc(g) => K::Grpc(pb::GrpcStep {
+                        address: g.address.clone(),
+                        config: Some(json_to_struct(&g.config)),
+                        metadata: g.metadata.clone().into_iter().collect(),
                     }),
                 }),
             })
@@ -330,6 +483,8 @@ pub fn execution_status_to_proto(status: ExecutionStatus) -> pb::ExecutionStatus
         ExecutionStatus::Succeeded => pb::ExecutionStatus::Succeeded,
         ExecutionStatus::Failed => pb::ExecutionStatus::Failed,
         ExecutionStatus::Cancelled => pb::ExecutionStatus::Cancelled,
+        ExecutionStatus::Queued => pb::ExecutionStatus::Queued,
+        ExecutionStatus::Paused => pb::ExecutionStatus::Paused,
     }
 }
 
@@ -346,6 +501,8 @@ pub fn execution_status_from_proto(
         Ok(pb::ExecutionStatus::Succeeded) => ExecutionStatus::Succeeded,
         Ok(pb::ExecutionStatus::Failed) => ExecutionStatus::Failed,
         Ok(pb::ExecutionStatus::Cancelled) => ExecutionStatus::Cancelled,
+        Ok(pb::ExecutionStatus::Queued) => ExecutionStatus::Queued,
+        Ok(pb::ExecutionStatus::Paused) => ExecutionStatus::Paused,
         Ok(pb::ExecutionStatus::Unspecified) | Err(_) => {
             v.add(field, format!("{value} is not an execution status"));
             return None;
@@ -395,6 +552,8 @@ fn step_to_proto(step: &StepRun, needs: &[String]) -> pb::StepRun {
         error: step.error.clone(),
         reason: step.reason.clone(),
         needs: needs.to_vec(),
+        next_attempt_at: step.next_attempt_at.map(timestamp),
+        error_kind: step.error_kind.clone(),
     }
 }
 
@@ -422,6 +581,8 @@ pub fn execution_to_proto(exec: &Execution) -> pb::Execution {
             .map(|(run, spec)| step_to_proto(run, &spec.needs))
             .collect(),
         last_sequence: exec.last_sequence,
+        request_id: exec.request_id.clone().unwrap_or_default(),
+        deadline: exec.deadline.map(timestamp),
     }
 }
 
@@ -438,6 +599,51 @@ fn event_kind_to_proto(kind: EventKind) -> pb::EventType {
         EventKind::StepFailed => pb::EventType::StepFailed,
         EventKind::StepSkipped => pb::EventType::StepSkipped,
         EventKind::StepCancelled => pb::EventType::StepCancelled,
+        EventKind::ExecutionQueued => pb::EventType::ExecutionQueued,
+        EventKind::ExecutionPaused => pb::EventType::ExecutionPaused,
+        EventKind::ExecutionResumed => pb::EventType::ExecutionResumed,
+        EventKind::StepRetrying => pb::EventType::StepRetrying,
+        EventKind::StepLog => pb::EventType::StepLog,
+        EventKind::StepProgress => pb::EventType::StepProgress,
+    }
+}
+
+/// The event kinds a watcher asks for, each checked.
+pub fn event_kind_from_proto(value: i32, field: &str, v: &mut Violations) -> Option<EventKind> {
+    let known = [
+        EventKind::ExecutionStarted,
+        EventKind::ExecutionSucceeded,
+        EventKind::ExecutionFailed,
+        EventKind::ExecutionCancelled,
+        EventKind::ExecutionCancelRequested,
+        EventKind::ExecutionRetried,
+        EventKind::ExecutionQueued,
+        EventKind::ExecutionPaused,
+        EventKind::ExecutionResumed,
+        EventKind::StepStarted,
+        EventKind::StepSucceeded,
+        EventKind::StepFailed,
+        EventKind::StepSkipped,
+        EventKind::StepCancelled,
+        EventKind::StepRetrying,
+        EventKind::StepLog,
+        EventKind::StepProgress,
+    ];
+    let found = known
+        .into_iter()
+        .find(|&k| event_kind_to_proto(k) as i32 == value);
+    if found.is_none() {
+        v.add(field, format!("{value} is not an event type"));
+    }
+    found
+}
+
+fn log_stream_to_proto(stream: LogStream) -> pb::LogStream {
+    match stream {
+        LogStream::Stdout => pb::LogStream::Stdout,
+        LogStream::Stderr => pb::LogStream::Stderr,
+        LogStream::Worker => pb::LogStream::Worker,
+        LogStream::System => pb::LogStream::System,
     }
 }
 
@@ -455,6 +661,13 @@ pub fn event_to_proto(event: &Event) -> pb::ExecutionEvent {
         duration: event.duration.map(duration_to_proto),
         progress: Some(progress_to_proto(event.progress)),
         execution_data: event.execution_data.as_ref().map(json_to_struct),
+        next_attempt_at: event.next_attempt_at.map(timestamp),
+        error_kind: event.error_kind.clone(),
+        log_stream: event
+            .log_stream
+            .map_or(pb::LogStream::Unspecified, log_stream_to_proto) as i32,
+        step_percent: event.step_percent.unwrap_or_default(),
+        pipeline_name: event.pipeline_name.clone(),
     }
 }
 

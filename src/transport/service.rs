@@ -8,14 +8,18 @@ use tonic::{Request, Response, Status};
 
 use super::convert::{self, Violations};
 use crate::domain::Error;
+use crate::domain::limits;
 use crate::domain::model::RunRequest;
-use crate::engine::Engine;
+use crate::engine::{AllEventsFilter, Engine, WatchItem};
 use crate::proto::v1 as pb;
 use crate::proto::v1::pipeline_service_server::PipelineService;
 use crate::storage::ExecutionFilter;
 
 const MAX_PAGE_SIZE: i32 = 1000;
 const MAX_CORRELATION_ID_LEN: usize = 256;
+const MAX_REQUEST_ID_LEN: usize = 256;
+const MAX_LABELS: usize = 64;
+const MAX_LABEL_LEN: usize = 256;
 
 /// The gRPC face of the [`Engine`].
 pub struct PipelineApi {
@@ -55,6 +59,37 @@ fn page_size(value: i32, default: i32) -> Result<u64, Error> {
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchExecutionResponse, Status>> + Send>>;
+type WatchAllStream =
+    Pin<Box<dyn Stream<Item = Result<pb::WatchExecutionsResponse, Status>> + Send>>;
+
+/// An event or a heartbeat, as the two fields every watch response has.
+fn watch_fields(item: WatchItem) -> (Option<pb::ExecutionEvent>, Option<pb::Heartbeat>) {
+    match item {
+        WatchItem::Event(event) => (Some(convert::event_to_proto(&event)), None),
+        WatchItem::Heartbeat(time) => (
+            None,
+            Some(pb::Heartbeat {
+                time: Some(convert::timestamp(time)),
+            }),
+        ),
+    }
+}
+
+fn check_labels(labels: &std::collections::HashMap<String, String>, v: &mut Violations) {
+    if labels.len() > MAX_LABELS {
+        v.add("labels", format!("at most {MAX_LABELS} labels"));
+    }
+    for (key, value) in labels {
+        if key.is_empty() {
+            v.add("labels", "label keys must not be empty");
+        } else if key.len() > MAX_LABEL_LEN || value.len() > MAX_LABEL_LEN {
+            v.add(
+                format!("labels[{key}]"),
+                format!("keys and values must be at most {MAX_LABEL_LEN} bytes"),
+            );
+        }
+    }
+}
 
 #[tonic::async_trait]
 impl PipelineService for PipelineApi {
@@ -153,10 +188,17 @@ impl PipelineService for PipelineApi {
                 format!("must be at most {MAX_CORRELATION_ID_LEN} bytes"),
             );
         }
-        if request.labels.keys().any(String::is_empty) {
-            v.add("labels", "label keys must not be empty");
+        if request.request_id.len() > MAX_REQUEST_ID_LEN {
+            v.add(
+                "request_id",
+                format!("must be at most {MAX_REQUEST_ID_LEN} bytes"),
+            );
         }
+        check_labels(&request.labels, &mut v);
         let input = convert::struct_to_json(request.input, "input", &mut v);
+        if let Err(problem) = limits::check_object(&input, limits::MAX_INPUT_BYTES) {
+            v.add("input", format!("the input {problem}"));
+        }
         let trigger = convert::trigger_from_proto(request.trigger, &mut v);
         let run = v.into_result(RunRequest {
             pipeline_name: request.pipeline_name,
@@ -164,6 +206,7 @@ impl PipelineService for PipelineApi {
             trigger,
             correlation_id: request.correlation_id,
             labels: request.labels.into_iter().collect(),
+            request_id: (!request.request_id.is_empty()).then_some(request.request_id),
         })?;
         let execution = self.engine.run_pipeline(run).await?;
         Ok(Response::new(pb::RunPipelineResponse {
@@ -203,10 +246,13 @@ impl PipelineService for PipelineApi {
         if !request.page_token.is_empty() && uuid::Uuid::parse_str(&request.page_token).is_err() {
             v.add("page_token", "is not a token this server returned");
         }
+        check_labels(&request.labels, &mut v);
         let filter = v.into_result(ExecutionFilter {
             pipeline_name: (!request.pipeline_name.is_empty()).then_some(request.pipeline_name),
             statuses,
             before_id: (!request.page_token.is_empty()).then_some(request.page_token),
+            correlation_id: (!request.correlation_id.is_empty()).then_some(request.correlation_id),
+            labels: request.labels.into_iter().collect(),
             limit: limit + 1,
         })?;
         let mut executions = self.engine.list_executions(&filter).await?;
@@ -250,6 +296,30 @@ impl PipelineService for PipelineApi {
         }))
     }
 
+    async fn pause_execution(
+        &self,
+        request: Request<pb::PauseExecutionRequest>,
+    ) -> Result<Response<pb::PauseExecutionResponse>, Status> {
+        let request = request.into_inner();
+        let id = execution_id(&request.execution_id)?;
+        let execution = self.engine.pause_execution(id).await?;
+        Ok(Response::new(pb::PauseExecutionResponse {
+            execution: Some(convert::execution_to_proto(&execution)),
+        }))
+    }
+
+    async fn resume_execution(
+        &self,
+        request: Request<pb::ResumeExecutionRequest>,
+    ) -> Result<Response<pb::ResumeExecutionResponse>, Status> {
+        let request = request.into_inner();
+        let id = execution_id(&request.execution_id)?;
+        let execution = self.engine.resume_execution(id).await?;
+        Ok(Response::new(pb::ResumeExecutionResponse {
+            execution: Some(convert::execution_to_proto(&execution)),
+        }))
+    }
+
     type WatchExecutionStream = WatchStream;
 
     async fn watch_execution(
@@ -260,8 +330,46 @@ impl PipelineService for PipelineApi {
         let id = execution_id(&request.execution_id)?;
         let events = self.engine.watch(id, request.after_sequence).await?;
         let stream = events.map(|item| {
-            item.map(|event| pb::WatchExecutionResponse {
-                event: Some(convert::event_to_proto(&event)),
+            item.map(|item| {
+                let (event, heartbeat) = watch_fields(item);
+                pb::WatchExecutionResponse { event, heartbeat }
+            })
+            .map_err(Status::from)
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    type WatchExecutionsStream = WatchAllStream;
+
+    async fn watch_executions(
+        &self,
+        request: Request<pb::WatchExecutionsRequest>,
+    ) -> Result<Response<Self::WatchExecutionsStream>, Status> {
+        let request = request.into_inner();
+        let mut v = Violations::default();
+        let statuses = request
+            .statuses
+            .iter()
+            .enumerate()
+            .filter_map(|(i, &s)| {
+                convert::execution_status_from_proto(s, &format!("statuses[{i}]"), &mut v)
+            })
+            .collect();
+        let kinds = request
+            .types
+            .iter()
+            .enumerate()
+            .filter_map(|(i, &t)| convert::event_kind_from_proto(t, &format!("types[{i}]"), &mut v))
+            .collect();
+        let filter = v.into_result(AllEventsFilter {
+            pipeline_name: (!request.pipeline_name.is_empty()).then_some(request.pipeline_name),
+            statuses,
+            kinds,
+        })?;
+        let stream = self.engine.watch_all(filter).map(|item| {
+            item.map(|item| {
+                let (event, heartbeat) = watch_fields(item);
+                pb::WatchExecutionsResponse { event, heartbeat }
             })
             .map_err(Status::from)
         });

@@ -32,11 +32,20 @@ impl From<Error> for Status {
                     message,
                 )]),
             ),
+            Error::RequestIdReused(_) => Status::already_exists(message),
+            Error::ResourceExhausted(_) => Status::resource_exhausted(message),
+            Error::Lagged(_) => Status::aborted(message),
             Error::ShuttingDown => Status::unavailable(message),
+            Error::Internal(_) => {
+                tracing::error!(%message, "internal error");
+                Status::internal(message)
+            }
             Error::Storage(error) => match error {
                 StoreError::NotFound { .. } => Status::not_found(message),
                 StoreError::AlreadyExists { .. } => Status::already_exists(message),
                 StoreError::Conflict(_) => Status::failed_precondition(message),
+                StoreError::RequestIdReused(_) => Status::already_exists(message),
+                StoreError::LimitReached(_) => Status::resource_exhausted(message),
                 StoreError::Database(ref db) if is_connection_error(db) => {
                     tracing::warn!(%error, "database unavailable");
                     Status::unavailable("the database is unavailable; try again")

@@ -21,6 +21,7 @@ async fn run_records_trigger_labels_steps_and_progress() {
             }),
             correlation_id: "msg-42".into(),
             labels: [("team".to_string(), "video".to_string())].into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -260,6 +261,7 @@ async fn list_filters_by_pipeline_and_status_newest_first() {
             statuses,
             page_size,
             page_token,
+            ..Default::default()
         };
         async move { client.list_executions(request).await.unwrap().into_inner() }
     };

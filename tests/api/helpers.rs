@@ -45,6 +45,7 @@ pub async fn spawn_app_in(dir: TempDir, allow_commands: Vec<String>) -> TestApp 
         max_parallel_steps: 16,
         allow_commands,
         shutdown_grace: Duration::from_secs(1),
+        heartbeat_interval: Duration::from_secs(15),
     };
     let (tx, rx) = oneshot::channel::<()>();
     let handle = tokio::spawn(serve(config, listener, async move {

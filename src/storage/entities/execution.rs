@@ -27,6 +27,9 @@ pub struct Model {
     pub started_at: Option<DateTimeUtc>,
     pub finished_at: Option<DateTimeUtc>,
     pub last_sequence: i64,
+    pub request_id: Option<String>,
+    pub request_fingerprint: String,
+    pub deadline_at: Option<DateTimeUtc>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

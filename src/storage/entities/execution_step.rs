@@ -18,6 +18,8 @@ pub struct Model {
     pub output: Option<Json>,
     pub error: String,
     pub reason: String,
+    pub next_attempt_at: Option<DateTimeUtc>,
+    pub error_kind: String,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -2,5 +2,6 @@
 
 pub mod execution;
 pub mod execution_event;
+pub mod execution_label;
 pub mod execution_step;
 pub mod pipeline;
