@@ -1,35 +1,12 @@
 //! Cancelling, retrying, and the execution state machine.
 
 use std::path::Path;
-use std::time::Duration;
 
 use pipelined::proto::v1 as pb;
 use serde_json::json;
 use tonic::Code;
 
 use crate::helpers::*;
-
-/// True once `pid` no longer exists (a zombie awaiting its reaper counts as gone).
-fn process_gone(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(stat) => stat
-            .rsplit(')')
-            .next()
-            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
-    }
-}
-
-async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while !condition() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting until {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 async fn cancel(
     app: &TestApp,

@@ -263,3 +263,31 @@ pub fn assert_gapless(events: &[pb::ExecutionEvent], from: i64) {
     let expected: Vec<i64> = (from..from + events.len() as i64).collect();
     assert_eq!(sequences, expected, "event sequences must be gapless");
 }
+
+/// True once `pid` no longer exists (a zombie awaiting its reaper counts as gone).
+pub fn process_gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// Polls `condition` until it holds, failing the test after [`PATIENCE`].
+pub async fn wait_until(what: &str, condition: impl FnMut() -> bool) {
+    wait_until_within(PATIENCE, what, condition).await;
+}
+
+/// Polls `condition` until it holds, failing the test after `limit`.
+pub async fn wait_until_within(limit: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

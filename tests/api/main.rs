@@ -3,9 +3,11 @@
 
 mod cancel_retry;
 mod cli;
+mod crash;
 mod executions;
 mod helpers;
 mod pipelines;
+mod process;
 mod service;
 mod validation;
 mod watch;

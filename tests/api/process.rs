@@ -1,0 +1,199 @@
+//! The real `pipelined` binary as a child process, for tests that must kill
+//! the server outright or signal it, and start it again on the same data.
+
+use std::fs::OpenOptions;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use pipelined::proto::v1::pipeline_service_client::PipelineServiceClient;
+use tokio::process::{Child, Command};
+use tonic::transport::Channel;
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+use crate::helpers::{Client, PATIENCE};
+
+/// The log line the server writes once it listens, with the bound address in
+/// its `addr` field.
+const SERVING: &str = "pipelined serving";
+
+/// A `pipelined serve` child process and a client connected to it.
+///
+/// The process is killed (SIGKILL) when this is dropped, so no server
+/// outlives its test; if the test is panicking, the server's output is
+/// printed first.
+pub struct ServerProcess {
+    child: Child,
+    addr: SocketAddr,
+    client: Client,
+    log: PathBuf,
+}
+
+impl ServerProcess {
+    /// Starts `pipelined serve --data-dir <data_dir> --allow-command sh`
+    /// plus `extra_args` (which must leave `pipelined` logging at `info`),
+    /// and waits until it answers health checks with SERVING.
+    ///
+    /// Its stdout and stderr are appended to `<data_dir>/server.log`, so the
+    /// log of a restarted server follows that of the previous run.
+    pub async fn start(data_dir: &Path, extra_args: &[&str]) -> Self {
+        std::fs::create_dir_all(data_dir).expect("create the data dir");
+        let log = data_dir.join("server.log");
+        let output = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("open the server log");
+        let run_starts_at = output.metadata().expect("server log metadata").len() as usize;
+        // The port: `--listen 127.0.0.1:0` makes the server's own bind pick a
+        // free port, and the server logs the address it is bound to
+        // (`pipelined serving addr=127.0.0.1:PORT`). Reading the port from
+        // there leaves no window in which another test could take it, unlike
+        // probing a free port with a listener of ours, closing it and passing
+        // the number on. A restarted server gets a new port; clients
+        // reconnect to `addr()` of the new process.
+        let mut child = Command::new(env!("CARGO_BIN_EXE_pipelined"))
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(["--allow-command", "sh"])
+            .args(extra_args)
+            // Settings from the environment must not redirect the database or
+            // silence the log line read below.
+            .env_remove("PIPELINED_DATABASE_URL")
+            .env_remove("PIPELINED_LOG")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(output.try_clone().expect("clone the log file"))
+            .stderr(output)
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the pipelined binary");
+        let addr = wait_for_address(&mut child, &log, run_starts_at).await;
+        // The server listens already, so a lazy channel connects at once.
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_lazy();
+        let server = ServerProcess {
+            child,
+            addr,
+            client: PipelineServiceClient::new(channel.clone()),
+            log,
+        };
+        let status = tokio::time::timeout(
+            PATIENCE,
+            HealthClient::new(channel).check(HealthCheckRequest {
+                service: String::new(),
+            }),
+        )
+        .await
+        .expect("health check answers in time")
+        .expect("health check")
+        .into_inner()
+        .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "server health");
+        server
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// A client of this server (cheap: clones share one connection).
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// Everything the server processes started on this data dir have printed.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Kills the server with SIGKILL, as a crash would, and reaps it. Its
+    /// step processes, each in its own process group, are not signalled.
+    pub async fn kill(mut self) {
+        self.child.kill().await.expect("SIGKILL the server");
+    }
+
+    /// Sends SIGTERM and waits for the graceful shutdown to end.
+    pub async fn terminate(mut self) -> ExitStatus {
+        let pid = self.child.id().expect("the server is still running");
+        kill(Pid::from_raw(pid as i32), Signal::SIGTERM).expect("SIGTERM the server");
+        tokio::time::timeout(PATIENCE, self.child.wait())
+            .await
+            .expect("the server stops in time after SIGTERM")
+            .expect("wait for the server")
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        // Already exited (kill, terminate) is fine: this is then a no-op.
+        let _ = self.child.start_kill();
+        if std::thread::panicking() {
+            eprintln!(
+                "----- pipelined log ({}) -----\n{}----- end of pipelined log -----",
+                self.log.display(),
+                self.log()
+            );
+        }
+    }
+}
+
+/// Reads the server's output from `run_starts_at` on until the server says
+/// where it listens; fails if the process exits first.
+async fn wait_for_address(child: &mut Child, log: &Path, run_starts_at: usize) -> SocketAddr {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let output = std::fs::read_to_string(log).unwrap_or_default();
+        let this_run = output.get(run_starts_at..).unwrap_or_default();
+        if let Some(addr) = this_run
+            .lines()
+            .filter(|line| line.contains(SERVING))
+            .find_map(listen_address)
+        {
+            return addr;
+        }
+        if let Some(status) = child.try_wait().expect("poll the server process") {
+            panic!("pipelined exited with {status} before serving:\n{this_run}");
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "pipelined did not log '{SERVING}' in time:\n{this_run}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The address in a `pipelined serving addr=... ...` log line, with or
+/// without ANSI colours around the field name.
+fn listen_address(line: &str) -> Option<SocketAddr> {
+    let plain = strip_ansi(line);
+    let value = plain
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("addr="))?;
+    value.parse().ok()
+}
+
+fn strip_ansi(text: &str) -> String {
+    let mut plain = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // ESC [ parameters final-byte
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            plain.push(c);
+        }
+    }
+    plain
+}
