@@ -687,8 +687,23 @@ fn event_text(e: &pb::ExecutionEvent) -> String {
     if let Some(d) = &e.duration {
         text.push_str(&format!(" in {}", duration_text(d)));
     }
+    if let Ok(stream) = pb::LogStream::try_from(e.log_stream)
+        && stream != pb::LogStream::Unspecified
+    {
+        let stream = stream.as_str_name().trim_start_matches("LOG_STREAM_");
+        text.push_str(&format!(" {}|", stream.to_lowercase()));
+    }
+    if e.r#type == pb::EventType::StepProgress as i32 {
+        text.push_str(&format!(" {:.0}%", e.step_percent));
+    }
     if !e.message.is_empty() {
         text.push_str(&format!(": {}", e.message));
+    }
+    if !e.error_kind.is_empty() {
+        text.push_str(&format!(" [{}]", e.error_kind));
+    }
+    if let Some(at) = &e.next_attempt_at {
+        text.push_str(&format!("; next attempt at {}", time_text(at)));
     }
     if let Some(p) = &e.progress {
         text = format!("{text:<72} {}", progress_bar(p));

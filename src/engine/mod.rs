@@ -67,7 +67,9 @@ pub(crate) struct Shared {
     config: EngineConfig,
     /// Control channels of the runners of active executions, by id.
     runners: Mutex<HashMap<String, mpsc::Sender<Control>>>,
-    /// Pipelines that have queued executions, to promote when a slot frees.
+    /// Pipelines that have (had) queued executions: when one of their
+    /// executions finishes, queued ones are promoted. Entries are never
+    /// removed, so that no race can strand a queued execution.
     queued_pipelines: Mutex<HashSet<String>>,
     processes: Option<ProcessRegistry>,
     shutdown: CancellationToken,
@@ -285,11 +287,15 @@ impl Shared {
             deadline: None,
         };
         let cap = exec.definition.concurrency.clone();
+        if cap.as_ref().is_some_and(|c| c.max_active > 0) {
+            // Before the execution may be queued, so that an execution
+            // finishing meanwhile knows to promote it.
+            self.note_queued(&exec.pipeline_name);
+        }
         match self.store.admit_execution(&mut exec, cap.as_ref()).await? {
             Admission::Existing(existing) => Ok(*existing),
             Admission::Created { to_cancel } => {
                 if exec.status == ExecutionStatus::Queued {
-                    self.note_queued(&exec.pipeline_name);
                     let events = self.store.events_after(&exec.id, 0, 1).await?;
                     self.hub.publish(&events);
                 } else {
@@ -299,6 +305,10 @@ impl Shared {
                     if let Err(error) = self.cancel_execution(&id, CancelMode::Terminate).await {
                         tracing::info!(execution = %id, %error, "could not evict an execution for a newer one");
                     }
+                }
+                if exec.status == ExecutionStatus::Queued {
+                    // A slot may have freed before the execution was stored.
+                    self.promote(&exec.pipeline_name).await?;
                 }
                 Ok(exec)
             }
@@ -494,12 +504,6 @@ impl Shared {
         };
         for exec in self.store.promote_queued(pipeline, cap.as_ref()).await? {
             self.register_and_spawn(exec)?;
-        }
-        if !self.store.has_queued(pipeline).await? {
-            self.queued_pipelines
-                .lock()
-                .expect("queued lock")
-                .remove(pipeline);
         }
         Ok(())
     }

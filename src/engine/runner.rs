@@ -68,6 +68,8 @@ pub struct Runner {
     reports_rx: mpsc::Receiver<Report>,
     /// Reports received but not committed yet.
     pending_reports: Vec<Report>,
+    /// When the oldest of `pending_reports` must be committed at the latest.
+    flush_at: Option<tokio::time::Instant>,
     /// Cancellation tokens of the attempts now running, by step index.
     running: HashMap<usize, CancellationToken>,
     /// Why the execution fails, from the first step that failed.
@@ -99,6 +101,7 @@ impl Runner {
             reports_tx,
             reports_rx,
             pending_reports: Vec::new(),
+            flush_at: None,
             running: HashMap::new(),
             failure: None,
             timed_out: false,
@@ -166,7 +169,7 @@ impl Runner {
             if self.running.is_empty() && retry_at.is_none() && !self.waits_for_resume() {
                 return self.finish().await;
             }
-            let flush_due = !self.pending_reports.is_empty();
+            let flush_at = self.flush_at;
             let deadline = self.deadline_to_watch();
             // Biased: a finished attempt is recorded before a shutdown is noticed.
             tokio::select! {
@@ -178,6 +181,7 @@ impl Runner {
                 }
                 Some(report) = self.reports_rx.recv() => {
                     self.pending_reports.push(report);
+                    self.flush_at.get_or_insert_with(|| tokio::time::Instant::now() + LOG_FLUSH_DELAY);
                     if self.pending_reports.len() >= LOG_BATCH && !self.commit(&[], Vec::new()).await {
                         return self.abandon().await;
                     }
@@ -187,7 +191,7 @@ impl Runner {
                         return self.abandon().await;
                     }
                 }
-                _ = tokio::time::sleep(LOG_FLUSH_DELAY), if flush_due => {
+                _ = tokio::time::sleep_until(flush_at.unwrap_or_else(tokio::time::Instant::now)), if flush_at.is_some() => {
                     if !self.commit(&[], Vec::new()).await {
                         return self.abandon().await;
                     }
@@ -224,9 +228,10 @@ impl Runner {
         self.exec.status == ExecutionStatus::Running && self.failure.is_none() && !self.timed_out
     }
 
-    /// When the earliest retry waiting for its delay may start.
+    /// When the earliest retry waiting for its delay may start, if a slot
+    /// is free for it.
     fn next_retry_at(&self) -> Option<DateTime<Utc>> {
-        if !self.may_start_steps() {
+        if !self.may_start_steps() || self.running.len() >= self.max_parallel {
             return None;
         }
         self.ready_steps()
@@ -715,6 +720,7 @@ impl Runner {
             return events;
         }
         // The reports take sequences before the events already built: shift those.
+        self.flush_at = None;
         let reports = std::mem::take(&mut self.pending_reports);
         let shift = reports.len() as i64;
         let first = self.exec.last_sequence - events.len() as i64 + 1;

@@ -418,16 +418,6 @@ impl Store {
         Ok(promoted)
     }
 
-    /// Whether the pipeline has queued executions.
-    pub async fn has_queued(&self, pipeline_name: &str) -> Result<bool> {
-        Ok(execution::Entity::find()
-            .filter(execution::Column::PipelineName.eq(pipeline_name))
-            .filter(execution::Column::Status.eq(ExecutionStatus::Queued.as_str()))
-            .count(&self.writer)
-            .await?
-            > 0)
-    }
-
     /// Names of pipelines with queued executions.
     pub async fn pipelines_with_queued(&self) -> Result<Vec<String>> {
         Ok(execution::Entity::find()
