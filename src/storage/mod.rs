@@ -324,7 +324,14 @@ impl Store {
         }
         execution::Entity::insert(execution_row(exec))
             .exec_without_returning(&txn)
-            .await?;
+            .await
+            .map_err(|error| match (&exec.request_id, error.sql_err()) {
+                // Another pipeline's execution took the id first.
+                (Some(id), Some(sea_orm::SqlErr::UniqueConstraintViolation(_))) => {
+                    StoreError::RequestIdReused(id.clone())
+                }
+                _ => error.into(),
+            })?;
         execution_step::Entity::insert_many(
             exec.steps
                 .iter()
