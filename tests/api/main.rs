@@ -5,6 +5,7 @@ mod cancel_retry;
 mod cli;
 mod crash;
 mod executions;
+mod grpc_steps;
 mod helpers;
 mod pipelines;
 mod process;
