@@ -477,23 +477,28 @@ impl PipelineSpec {
                     check_http(&format!("steps[{i}].http"), http, &mut violations)
                 }
                 StepKind::Grpc(grpc) => {
-                    if !(grpc.address.starts_with("http://")
-                        || grpc.address.starts_with("https://"))
-                        || grpc
-                            .address
-                            .split_once("://")
-                            .is_none_or(|(_, rest)| rest.is_empty())
+                    // TLS to workers comes with the server's own TLS support.
+                    if grpc
+                        .address
+                        .strip_prefix("http://")
+                        .is_none_or(str::is_empty)
                     {
                         violations.push(FieldViolation::new(
                             format!("steps[{i}].grpc.address"),
-                            "must be an http:// or https:// address such as http://worker:50052",
+                            "must be an http:// address such as http://worker:50052 \
+                             (TLS to workers is not supported yet)",
                         ));
                     }
-                    for key in grpc.metadata.keys() {
-                        if !is_header_name(key) {
+                    for (key, value) in &grpc.metadata {
+                        if !is_header_name(key) || key.ends_with("-bin") {
                             violations.push(FieldViolation::new(
                                 format!("steps[{i}].grpc.metadata"),
-                                format!("'{key}' is not a valid lowercase metadata name"),
+                                format!("'{key}' is not a valid lowercase ASCII metadata name"),
+                            ));
+                        } else if !value.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+                            violations.push(FieldViolation::new(
+                                format!("steps[{i}].grpc.metadata.{key}"),
+                                "must be printable ASCII",
                             ));
                         }
                     }
