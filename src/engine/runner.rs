@@ -68,6 +68,8 @@ pub struct Runner {
     reports_rx: mpsc::Receiver<Report>,
     /// Reports received but not committed yet.
     pending_reports: Vec<Report>,
+    /// When the oldest of `pending_reports` is due to be committed.
+    flush_at: Option<tokio::time::Instant>,
     /// Cancellation tokens of the attempts now running, by step index.
     running: HashMap<usize, CancellationToken>,
     /// Why the execution fails, from the first step that failed.
@@ -99,6 +101,7 @@ impl Runner {
             reports_tx,
             reports_rx,
             pending_reports: Vec::new(),
+            flush_at: None,
             running: HashMap::new(),
             failure: None,
             timed_out: false,
@@ -166,7 +169,13 @@ impl Runner {
             if self.running.is_empty() && retry_at.is_none() && !self.waits_for_resume() {
                 return self.finish().await;
             }
-            let flush_due = !self.pending_reports.is_empty();
+            // Counted from the first report not yet committed, so that a
+            // step printing steadily is not held back until a batch fills.
+            let flush_at = (!self.pending_reports.is_empty()).then(|| {
+                *self
+                    .flush_at
+                    .get_or_insert_with(|| tokio::time::Instant::now() + LOG_FLUSH_DELAY)
+            });
             let deadline = self.deadline_to_watch();
             // Biased: a finished attempt is recorded before a shutdown is noticed.
             tokio::select! {
@@ -187,7 +196,7 @@ impl Runner {
                         return self.abandon().await;
                     }
                 }
-                _ = tokio::time::sleep(LOG_FLUSH_DELAY), if flush_due => {
+                _ = tokio::time::sleep_until(flush_at.unwrap_or_else(tokio::time::Instant::now)), if flush_at.is_some() => {
                     if !self.commit(&[], Vec::new()).await {
                         return self.abandon().await;
                     }
@@ -716,6 +725,7 @@ impl Runner {
         }
         // The reports take sequences before the events already built: shift those.
         let reports = std::mem::take(&mut self.pending_reports);
+        self.flush_at = None;
         let shift = reports.len() as i64;
         let first = self.exec.last_sequence - events.len() as i64 + 1;
         let mut all = Vec::with_capacity(reports.len() + events.len());
