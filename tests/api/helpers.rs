@@ -32,13 +32,32 @@ pub async fn spawn_app() -> TestApp {
     spawn_app_in(TempDir::new().expect("temp dir"), vec!["sh".to_string()]).await
 }
 
+/// Starts a server that allows `sh` in command steps, with its configuration
+/// adjusted by `tweak` (a short heartbeat, say).
+pub async fn spawn_app_with(tweak: impl FnOnce(&mut ServeConfig)) -> TestApp {
+    spawn_app_configured(
+        TempDir::new().expect("temp dir"),
+        vec!["sh".to_string()],
+        tweak,
+    )
+    .await
+}
+
 /// Starts a server with its database in `dir`.
 pub async fn spawn_app_in(dir: TempDir, allow_commands: Vec<String>) -> TestApp {
+    spawn_app_configured(dir, allow_commands, |_| {}).await
+}
+
+async fn spawn_app_configured(
+    dir: TempDir,
+    allow_commands: Vec<String>,
+    tweak: impl FnOnce(&mut ServeConfig),
+) -> TestApp {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let addr = listener.local_addr().unwrap();
-    let config = ServeConfig {
+    let mut config = ServeConfig {
         listen: addr,
         data_dir: dir.path().join("data"),
         database_url: None,
@@ -47,6 +66,7 @@ pub async fn spawn_app_in(dir: TempDir, allow_commands: Vec<String>) -> TestApp 
         shutdown_grace: Duration::from_secs(1),
         heartbeat_interval: Duration::from_secs(15),
     };
+    tweak(&mut config);
     let (tx, rx) = oneshot::channel::<()>();
     let handle = tokio::spawn(serve(config, listener, async move {
         let _ = rx.await;

@@ -4,6 +4,7 @@
 mod cancel_retry;
 mod cli;
 mod crash;
+mod durability;
 mod executions;
 mod grpc_steps;
 mod helpers;
