@@ -3,6 +3,7 @@
 
 mod cancel_retry;
 mod cli;
+mod conditions;
 mod crash;
 mod durability;
 mod executions;
