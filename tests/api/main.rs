@@ -6,6 +6,7 @@ mod cli;
 mod crash;
 mod executions;
 mod helpers;
+mod http_steps;
 mod pipelines;
 mod process;
 mod service;
