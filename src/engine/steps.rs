@@ -3,6 +3,7 @@
 mod grpc;
 mod http;
 pub mod logs;
+mod template;
 
 use std::process::Stdio;
 use std::time::Duration;

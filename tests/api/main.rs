@@ -9,6 +9,7 @@ mod durability;
 mod executions;
 mod grpc_steps;
 mod helpers;
+mod http_steps;
 mod pipelines;
 mod process;
 mod service;
