@@ -19,6 +19,7 @@ enum ExecutionSteps {
     Table,
     NextAttemptAt,
     ErrorKind,
+    RetryBase,
 }
 
 #[derive(DeriveIden)]
@@ -69,6 +70,14 @@ impl MigrationTrait for Migration {
                     .string()
                     .not_null()
                     .default("")
+                    .to_owned(),
+            ),
+            (
+                ExecutionSteps::Table.into_iden(),
+                ColumnDef::new(ExecutionSteps::RetryBase)
+                    .integer()
+                    .not_null()
+                    .default(0)
                     .to_owned(),
             ),
         ];
@@ -168,6 +177,10 @@ impl MigrationTrait for Migration {
             (
                 ExecutionSteps::Table.into_iden(),
                 ExecutionSteps::ErrorKind.into_iden(),
+            ),
+            (
+                ExecutionSteps::Table.into_iden(),
+                ExecutionSteps::RetryBase.into_iden(),
             ),
         ] {
             manager

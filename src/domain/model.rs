@@ -99,6 +99,9 @@ pub struct StepRun {
     pub reason: String,
     /// When a pending step that is retrying may start its next attempt.
     pub next_attempt_at: Option<DateTime<Utc>>,
+    /// Attempts made before the latest `RetryExecution`: a retry policy
+    /// counts only the attempts after it, so a manual retry gets a fresh set.
+    pub retry_base: u32,
 }
 
 /// Steps done out of steps total.
@@ -190,6 +193,7 @@ impl StepRun {
             error_kind: String::new(),
             reason: String::new(),
             next_attempt_at: None,
+            retry_base: 0,
         }
     }
 

@@ -10,8 +10,10 @@
 //! failed, cancelled ──retry──▶ running ◀───────╯
 //! ```
 //! Step: pending → running → succeeded | failed | cancelled; pending →
-//! skipped | cancelled; back to pending by a retry, and running → pending
-//! when a server restart interrupted the attempt (it runs again).
+//! skipped | cancelled; pending → failed when it was waiting for another
+//! attempt and the execution ended; back to pending by a retry, and
+//! running → pending when an attempt is to be retried or a server restart
+//! interrupted it (it runs again).
 
 use serde::{Deserialize, Serialize};
 
@@ -178,7 +180,7 @@ impl StepStatus {
         use StepStatus::*;
         matches!(
             (self, next),
-            (Pending, Running | Skipped | Cancelled)
+            (Pending, Running | Skipped | Cancelled | Failed)
                 | (Running, Pending | Succeeded | Failed | Cancelled)
                 | (Succeeded | Failed | Skipped | Cancelled, Pending)
         )

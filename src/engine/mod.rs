@@ -428,7 +428,9 @@ impl Shared {
         previous.check(ExecutionStatus::Running, "retry")?;
         let changed: Vec<usize> = (0..reset.len()).filter(|&i| reset[i]).collect();
         for &i in &changed {
-            exec.steps[i].reset();
+            let step = &mut exec.steps[i];
+            step.reset();
+            step.retry_base = step.attempt;
         }
         let now = Utc::now();
         exec.set_status(ExecutionStatus::Running);

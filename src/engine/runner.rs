@@ -496,16 +496,21 @@ impl Runner {
             .retry
             .as_ref()
             .or(self.exec.definition.default_retry.as_ref());
+        // No retry once the execution is failing, stopping or out of time.
         let may_retry = matches!(
             self.exec.status,
             ExecutionStatus::Running | ExecutionStatus::Paused
-        ) && !self.timed_out;
+        ) && !self.timed_out
+            && self.failure.is_none();
         let step = &mut self.exec.steps[i];
         step.error = failure.message;
         step.error_kind = failure.kind;
         match policy {
-            Some(policy) if may_retry && policy.retries(step.attempt, &step.error_kind) => {
-                let delay = policy.delay(step.attempt, random_unit());
+            Some(policy)
+                if may_retry
+                    && policy.retries(step.attempt - step.retry_base, &step.error_kind) =>
+            {
+                let delay = policy.delay(step.attempt - step.retry_base, random_unit());
                 step.set_status(StepStatus::Pending);
                 step.next_attempt_at = Some(now + delay);
                 EventKind::StepRetrying
@@ -642,10 +647,20 @@ impl Runner {
         let mut events = Vec::new();
         for &i in &pending {
             let step = &mut self.exec.steps[i];
+            step.finished_at = Some(now);
+            if step.next_attempt_at.take().is_some() && !cancelling {
+                // It failed and was waiting for another attempt that will
+                // not come: it stays failed, with its last error.
+                step.set_status(StepStatus::Failed);
+                step.reason = format!(
+                    "no further attempt: {}",
+                    reason.trim_start_matches("not run: ")
+                );
+                events.push(self.step_event(EventKind::StepFailed, i));
+                continue;
+            }
             step.set_status(step_status);
             step.reason = reason.clone();
-            step.finished_at = Some(now);
-            step.next_attempt_at = None;
             let mut event = self.event(step_event, Some(i));
             event.message = reason.clone();
             events.push(event);

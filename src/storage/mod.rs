@@ -481,6 +481,7 @@ impl Store {
                     execution_step::Column::Reason,
                     execution_step::Column::NextAttemptAt,
                     execution_step::Column::ErrorKind,
+                    execution_step::Column::RetryBase,
                 ])
                 .to_owned(),
             )
@@ -729,6 +730,7 @@ fn step_row(execution_id: &str, position: usize, step: &StepRun) -> execution_st
         reason: Set(step.reason.clone()),
         next_attempt_at: Set(step.next_attempt_at),
         error_kind: Set(step.error_kind.clone()),
+        retry_base: Set(step.retry_base as i32),
     }
 }
 
@@ -785,6 +787,7 @@ fn execution_from_rows(
                 output: s.output.map(|o| object(o, "step output")).transpose()?,
                 error: s.error,
                 error_kind: s.error_kind,
+                retry_base: s.retry_base.max(0) as u32,
                 reason: s.reason,
                 next_attempt_at: s.next_attempt_at,
                 name: s.name,

@@ -865,3 +865,90 @@ async fn idle_watch_streams_get_heartbeats_until_the_terminal_event() {
         "{first:?}"
     );
 }
+
+#[tokio::test]
+async fn a_manual_retry_gives_the_retry_policy_a_fresh_set_of_attempts() {
+    let app = spawn_app().await;
+    app.create(
+        "name: fresh\nsteps:\n\
+         - {name: a, retry: {max_attempts: 2, initial_interval: 10ms}, fail: {message: boom}}\n",
+    )
+    .await;
+    let execution = app.run("fresh", json!({})).await;
+    let first = app.finish(&execution.id).await;
+    assert_eq!(step(&first, "a").attempt, 2);
+    let mut client = app.client.clone();
+    let retried = client
+        .retry_execution(pb::RetryExecutionRequest {
+            execution_id: execution.id.clone(),
+            from_step: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .execution
+        .unwrap();
+    let events = app.events(&execution.id, retried.last_sequence).await;
+    let done = app.get(&execution.id).await;
+    assert_eq!(status(&done), pb::ExecutionStatus::Failed);
+    assert_eq!(
+        step(&done, "a").attempt,
+        4,
+        "two more attempts after the retry"
+    );
+    let kinds: Vec<_> = events
+        .iter()
+        .filter(|e| e.step_name == "a")
+        .map(|e| (event_type(e), e.attempt))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            (pb::EventType::StepStarted, 3),
+            (pb::EventType::StepRetrying, 3),
+            (pb::EventType::StepStarted, 4),
+            (pb::EventType::StepFailed, 4),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_step_waiting_for_its_next_attempt_ends_failed_when_another_step_fails() {
+    let app = spawn_app().await;
+    app.create(
+        "name: waiting\nsteps:\n\
+         - {name: patient, retry: {max_attempts: 5, initial_interval: 30s}, fail: {message: not yet}}\n\
+         - {name: doomed, command: {program: sh, args: [-c, 'sleep 0.3; exit 4']}}\n\
+         - {name: later, needs: [patient], noop: {}}\n",
+    )
+    .await;
+    let execution = app.run("waiting", json!({})).await;
+    let done = tokio::time::timeout(Duration::from_secs(10), app.finish(&execution.id))
+        .await
+        .expect("the execution ends without waiting for the 30 s retry");
+    assert_eq!(status(&done), pb::ExecutionStatus::Failed);
+    assert!(
+        done.error_message.contains("doomed"),
+        "{}",
+        done.error_message
+    );
+    let patient = step(&done, "patient");
+    assert_eq!(
+        (
+            step_status(patient),
+            patient.attempt,
+            patient.error.as_str(),
+            patient.error_kind.as_str()
+        ),
+        (pb::StepStatus::Failed, 1, "not yet", "failed")
+    );
+    assert!(
+        patient
+            .reason
+            .starts_with("no further attempt: step 'doomed' failed"),
+        "{}",
+        patient.reason
+    );
+    assert!(patient.next_attempt_at.is_none());
+    assert_eq!(step_status(step(&done, "later")), pb::StepStatus::Skipped);
+}

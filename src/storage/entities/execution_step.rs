@@ -20,6 +20,8 @@ pub struct Model {
     pub reason: String,
     pub next_attempt_at: Option<DateTimeUtc>,
     pub error_kind: String,
+    /// Attempts made before the latest RetryExecution.
+    pub retry_base: i32,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
