@@ -16,6 +16,7 @@ use crate::domain::limits;
 use crate::engine::{Engine, EngineConfig};
 use crate::proto::v1::pipeline_service_server::PipelineServiceServer;
 use crate::storage::Store;
+use crate::transport::decode_errors;
 use crate::transport::service::PipelineApi;
 
 /// What `pipelined serve` is configured with.
@@ -108,6 +109,9 @@ pub async fn serve(
         let _ = began.send(());
     };
     let serving = tonic::transport::Server::builder()
+        .layer(tower::util::MapResponseLayer::new(
+            decode_errors::invalid_argument_for_undecodable,
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -1,5 +1,6 @@
 //! Transport: the gRPC service, its conversions and its error table.
 
 pub mod convert;
+pub mod decode_errors;
 pub mod service;
 pub mod status;
