@@ -155,7 +155,7 @@ impl ExecutionStatus {
                 )
                 | (Stopping, Terminating | Cancelled)
                 | (Terminating, Cancelled)
-                | (Failed | Cancelled, Running)
+                | (Failed | Cancelled, Running | Queued)
         )
     }
 

@@ -426,6 +426,13 @@ impl Shared {
         }
         let previous = exec.status;
         previous.check(ExecutionStatus::Running, "retry")?;
+        // A pipeline with a concurrency cap takes retried executions through
+        // its queue, like new ones, so that a retry cannot exceed the cap.
+        let capped = match self.store.get_pipeline(&exec.pipeline_name, None).await {
+            Ok(latest) => latest.spec.concurrency.is_some_and(|c| c.max_active > 0),
+            Err(StoreError::NotFound { .. }) => false,
+            Err(error) => return Err(error.into()),
+        };
         let changed: Vec<usize> = (0..reset.len()).filter(|&i| reset[i]).collect();
         for &i in &changed {
             let step = &mut exec.steps[i];
@@ -433,7 +440,11 @@ impl Shared {
             step.retry_base = step.attempt;
         }
         let now = Utc::now();
-        exec.set_status(ExecutionStatus::Running);
+        exec.set_status(if capped {
+            ExecutionStatus::Queued
+        } else {
+            ExecutionStatus::Running
+        });
         exec.finished_at = None;
         exec.error_message.clear();
         exec.deadline = exec.definition.timeout.map(|t| now + t);
@@ -450,10 +461,19 @@ impl Shared {
                 .join(", ")
         );
         let snapshot = exec.clone();
+        let events = [event];
+        if capped {
+            self.note_queued(&exec.pipeline_name);
+            self.store
+                .save(&snapshot, &changed, &events, Some(previous))
+                .await?;
+            self.hub.publish(&events);
+            self.promote(&exec.pipeline_name).await?;
+            return Ok(snapshot);
+        }
         // Registering first makes concurrent retries of one execution race on
         // the registry; the conditional write settles races across servers.
         let control = self.register(&exec.id)?;
-        let events = [event];
         match self
             .store
             .save(&snapshot, &changed, &events, Some(previous))

@@ -387,3 +387,64 @@ steps:
     );
     assert_eq!(lines(&count), 3);
 }
+
+#[tokio::test]
+async fn a_retry_waits_in_the_queue_of_a_pipeline_at_its_concurrency_cap() {
+    let app = spawn_app().await;
+    let marker = app.path("ready");
+    let gate = app.path("gate");
+    app.create(&format!(
+        "name: capped\nconcurrency: {{max_active: 1}}\nsteps:\n\
+         - {{name: work, command: {{program: sh, args: [-c, 'while [ ! -f {gate} ]; do sleep 0.05; done; test -f {marker}']}}}}\n",
+        gate = gate.display(),
+        marker = marker.display(),
+    ))
+    .await;
+    // The first execution fails (no marker yet) once the gate opens.
+    let first = app.run("capped", json!({"n": 1})).await;
+    std::fs::write(&gate, "").unwrap();
+    assert_eq!(
+        status(&app.finish(&first.id).await),
+        pb::ExecutionStatus::Failed
+    );
+    std::fs::remove_file(&gate).unwrap();
+    // A second execution holds the only slot while it waits on the gate.
+    let second = app.run("capped", json!({"n": 2})).await;
+    app.wait_for(&second.id, |e| event_type(e) == pb::EventType::StepStarted)
+        .await;
+
+    let retried = retry(&app, &first.id, "").await.unwrap();
+    assert_eq!(status(&retried), pb::ExecutionStatus::Queued);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert_eq!(
+        status(&app.get(&first.id).await),
+        pb::ExecutionStatus::Queued,
+        "the retry waits while the slot is taken"
+    );
+
+    std::fs::write(&marker, "").unwrap();
+    std::fs::write(&gate, "").unwrap();
+    let second_events = app.events(&second.id, 0).await;
+    let first_events = app.events(&first.id, retried.last_sequence - 1).await;
+    assert_eq!(
+        status(&app.get(&first.id).await),
+        pb::ExecutionStatus::Succeeded
+    );
+    let second_end = millis(&second_events.last().unwrap().time);
+    let restarted = first_events
+        .iter()
+        .find(|e| event_type(e) == pb::EventType::ExecutionStarted)
+        .expect("the retried execution starts again");
+    assert!(
+        millis(&restarted.time) >= second_end,
+        "the retry started only after the other execution ended"
+    );
+    assert_eq!(
+        event_type(&first_events[0]),
+        pb::EventType::ExecutionRetried
+    );
+    assert_eq!(
+        first_events[0].execution_status,
+        pb::ExecutionStatus::Queued as i32
+    );
+}
