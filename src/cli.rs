@@ -691,12 +691,10 @@ fn event_text(e: &pb::ExecutionEvent) -> String {
         && stream != pb::LogStream::Unspecified
     {
         let stream = stream.as_str_name().trim_start_matches("LOG_STREAM_");
-        text.push_str(&format!(" {}|", stream.to_lowercase()));
-    }
-    if e.r#type == pb::EventType::StepProgress as i32 {
-        text.push_str(&format!(" {:.0}%", e.step_percent));
-    }
-    if !e.message.is_empty() {
+        text.push_str(&format!(" {}> {}", stream.to_lowercase(), e.message));
+    } else if e.r#type == pb::EventType::StepProgress as i32 {
+        text.push_str(&format!(" {:.0}% {}", e.step_percent, e.message));
+    } else if !e.message.is_empty() {
         text.push_str(&format!(": {}", e.message));
     }
     if !e.error_kind.is_empty() {
