@@ -510,6 +510,15 @@ pub fn execution_status_from_proto(
     })
 }
 
+/// The `statuses` filter of a request, each value checked.
+pub fn execution_statuses_from_proto(values: &[i32], v: &mut Violations) -> Vec<ExecutionStatus> {
+    values
+        .iter()
+        .enumerate()
+        .filter_map(|(i, &s)| execution_status_from_proto(s, &format!("statuses[{i}]"), v))
+        .collect()
+}
+
 fn step_status_to_proto(status: StepStatus) -> pb::StepStatus {
     match status {
         StepStatus::Pending => pb::StepStatus::Pending,

@@ -235,14 +235,7 @@ impl PipelineService for PipelineApi {
         let request = request.into_inner();
         let limit = page_size(request.page_size, 50)?;
         let mut v = Violations::default();
-        let statuses = request
-            .statuses
-            .iter()
-            .enumerate()
-            .filter_map(|(i, &s)| {
-                convert::execution_status_from_proto(s, &format!("statuses[{i}]"), &mut v)
-            })
-            .collect();
+        let statuses = convert::execution_statuses_from_proto(&request.statuses, &mut v);
         if !request.page_token.is_empty() && uuid::Uuid::parse_str(&request.page_token).is_err() {
             v.add("page_token", "is not a token this server returned");
         }
@@ -347,14 +340,7 @@ impl PipelineService for PipelineApi {
     ) -> Result<Response<Self::WatchExecutionsStream>, Status> {
         let request = request.into_inner();
         let mut v = Violations::default();
-        let statuses = request
-            .statuses
-            .iter()
-            .enumerate()
-            .filter_map(|(i, &s)| {
-                convert::execution_status_from_proto(s, &format!("statuses[{i}]"), &mut v)
-            })
-            .collect();
+        let statuses = convert::execution_statuses_from_proto(&request.statuses, &mut v);
         let kinds = request
             .types
             .iter()
