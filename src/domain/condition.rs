@@ -218,12 +218,8 @@ fn isolated<T: Send + 'static>(
     timeout: Duration,
     job: impl FnOnce() -> Result<T, String> + Send + 'static,
 ) -> Result<T, String> {
-    let slot = Slot::take().ok_or_else(|| {
-        format!(
-            "{MAX_RUNNING} conditions are still being evaluated, too many to start another one; \
-             try again later"
-        )
-    })?;
+    let slot = Slot::take()
+        .ok_or_else(|| format!("{MAX_RUNNING} conditions are still being evaluated, {BUSY}"))?;
     let (sender, receiver) = mpsc::sync_channel(1);
     thread::Builder::new()
         .name("condition".to_owned())
@@ -247,6 +243,15 @@ fn isolated<T: Send + 'static>(
             Err("evaluating the condition failed unexpectedly (internal error)".to_owned())
         }
     }
+}
+
+/// The end of the error [`check`] and [`evaluate`] give when [`MAX_RUNNING`]
+/// conditions are being evaluated already.
+const BUSY: &str = "too many to start another one; try again later";
+
+/// Whether an error of [`check`] or [`evaluate`] only means "busy, try again".
+pub fn is_busy(error: &str) -> bool {
+    error.ends_with(BUSY)
 }
 
 /// One of the [`MAX_RUNNING`] helper threads, released when dropped.

@@ -409,7 +409,14 @@ impl PipelineSpec {
                 format!("must be at most {MAX_ACTIVE_LIMIT}"),
             ));
         }
-        let size = serde_json::to_vec(self).map_or(0, |json| json.len());
+        let json = serde_json::to_value(self).unwrap_or_default();
+        if super::limits::value_contains_nul(&json) {
+            violations.push(FieldViolation::new(
+                "steps",
+                "the definition holds a NUL character, which cannot be stored",
+            ));
+        }
+        let size = json.to_string().len();
         if size > MAX_DEFINITION_BYTES {
             violations.push(FieldViolation::new(
                 "steps",

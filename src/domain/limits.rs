@@ -19,6 +19,33 @@ pub const MAX_DEPTH: usize = 32;
 /// Largest request or response message the server accepts or sends.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
+/// Whether any key or string in `map` holds a NUL character, which
+/// PostgreSQL cannot store in text or `jsonb`.
+pub fn contains_nul(map: &JsonMap) -> bool {
+    map.iter()
+        .any(|(k, v)| k.contains('\0') || value_contains_nul(v))
+}
+
+/// [`contains_nul`] for any JSON value.
+pub fn value_contains_nul(value: &Value) -> bool {
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(value_contains_nul),
+        Value::Object(map) => contains_nul(map),
+        _ => false,
+    }
+}
+
+/// `text` with NUL characters replaced by U+FFFD, for text the server
+/// stores but did not get from a caller (log lines, error messages).
+pub fn without_nul(text: String) -> String {
+    if text.contains('\0') {
+        text.replace('\0', "\u{FFFD}")
+    } else {
+        text
+    }
+}
+
 /// The size of `map` as JSON.
 pub fn json_size(map: &JsonMap) -> usize {
     serde_json::to_vec(map).map_or(usize::MAX, |json| json.len())

@@ -217,7 +217,8 @@ mod tests {
     fn terminal_states_only_leave_through_retry() {
         for from in ALL.into_iter().filter(|s| s.is_terminal()) {
             for to in ALL {
-                let expected = from != ExecutionStatus::Succeeded && to == ExecutionStatus::Running;
+                let expected = from != ExecutionStatus::Succeeded
+                    && matches!(to, ExecutionStatus::Running | ExecutionStatus::Queued);
                 assert_eq!(from.can_become(to), expected, "{from} -> {to}");
             }
         }

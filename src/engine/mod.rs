@@ -335,16 +335,23 @@ impl Shared {
     /// Cancels an execution that never started.
     async fn cancel_queued(&self, mut exec: Execution) -> Result<Execution, Error> {
         let now = Utc::now();
-        for step in &mut exec.steps {
+        // A retried execution waits in the queue with its succeeded steps:
+        // only the steps still to run are cancelled.
+        let changed: Vec<usize> = (0..exec.steps.len())
+            .filter(|&i| !exec.steps[i].status.is_final())
+            .collect();
+        for &i in &changed {
+            let step = &mut exec.steps[i];
             step.set_status(StepStatus::Cancelled);
             step.reason = "execution cancelled".to_string();
             step.finished_at = Some(now);
+            step.next_attempt_at = None;
         }
         exec.set_status(ExecutionStatus::Cancelled);
         exec.finished_at = Some(now);
         exec.error_message = "cancelled by request while queued".to_string();
         let mut events = Vec::new();
-        for i in 0..exec.steps.len() {
+        for &i in &changed {
             exec.last_sequence += 1;
             let mut event = Event::new(&exec, exec.last_sequence, EventKind::StepCancelled);
             event.step_name = Some(exec.steps[i].name.clone());
@@ -356,7 +363,6 @@ impl Shared {
         event.message = exec.error_message.clone();
         event.execution_data = Some(exec.execution_data.clone());
         events.push(event);
-        let changed: Vec<usize> = (0..exec.steps.len()).collect();
         self.store
             .save(&exec, &changed, &events, Some(ExecutionStatus::Queued))
             .await?;
@@ -463,6 +469,12 @@ impl Shared {
         let snapshot = exec.clone();
         let events = [event];
         if capped {
+            // Its runner may still be finishing; it must be gone first.
+            if self.runners.lock().expect("runners lock").contains_key(id) {
+                return Err(Error::FailedPrecondition(format!(
+                    "execution {id} is still finishing; try again"
+                )));
+            }
             self.note_queued(&exec.pipeline_name);
             self.store
                 .save(&snapshot, &changed, &events, Some(previous))
@@ -525,7 +537,12 @@ impl Shared {
             Err(error) => return Err(error.into()),
         };
         for exec in self.store.promote_queued(pipeline, cap.as_ref()).await? {
-            self.register_and_spawn(exec)?;
+            let id = exec.id.clone();
+            if let Err(error) = self.register_and_spawn(exec) {
+                // Its previous runner is still finishing; that runner's end
+                // promotes again.
+                tracing::warn!(execution = %id, %error, "cannot start a promoted execution yet");
+            }
         }
         Ok(())
     }

@@ -296,15 +296,28 @@ impl Runner {
             let mut changed = Vec::new();
             let mut events = Vec::new();
             for i in ready {
+                if free == 0 {
+                    break;
+                }
                 let condition = self.exec.definition.steps[i].when.clone();
                 let verdict = if condition.is_empty() {
                     Ok(true)
                 } else {
+                    // Off the async workers: evaluation may take up to a second.
                     let data = self.exec.step_input(&self.graph, i);
-                    condition::evaluate(&condition, &data, &self.exec.input)
+                    let input = self.exec.input.clone();
+                    let source = condition.clone();
+                    tokio::task::spawn_blocking(move || condition::evaluate(&source, &data, &input))
+                        .await
+                        .unwrap_or_else(|e| Err(format!("evaluation failed: {e}")))
                 };
                 match verdict {
-                    Ok(true) if free > 0 => {
+                    Err(problem) if condition::is_busy(&problem) => {
+                        // Try again in a moment; nothing to record.
+                        self.exec.steps[i].next_attempt_at =
+                            Some(now + std::time::Duration::from_secs(1));
+                    }
+                    Ok(true) => {
                         free -= 1;
                         let step = &mut self.exec.steps[i];
                         step.set_status(StepStatus::Running);
@@ -320,7 +333,6 @@ impl Runner {
                         started.push(i);
                         changed.push(i);
                     }
-                    Ok(true) => {}
                     Ok(false) => {
                         let step = &mut self.exec.steps[i];
                         step.set_status(StepStatus::Skipped);

@@ -37,8 +37,8 @@ pub struct StepFailure {
 impl StepFailure {
     pub fn new(kind: &str, message: impl Into<String>) -> Self {
         Self {
-            kind: kind.to_string(),
-            message: message.into(),
+            kind: limits::without_nul(kind.to_string()),
+            message: limits::without_nul(message.into()),
         }
     }
 }
@@ -101,6 +101,12 @@ pub async fn run(attempt: Attempt<'_>) -> StepOutcome {
 }
 
 fn check_output(output: JsonMap) -> Result<JsonMap, StepFailure> {
+    if limits::contains_nul(&output) {
+        return Err(StepFailure::new(
+            "invalid_output",
+            "the output holds a NUL character, which cannot be stored",
+        ));
+    }
     limits::check_object(&output, limits::MAX_STEP_OUTPUT_BYTES)
         .map(|()| output)
         .map_err(|problem| StepFailure::new("output_too_large", format!("the output {problem}")))

@@ -394,7 +394,8 @@ impl Store {
                     .await?;
                 (cap.max_active as u64).saturating_sub(active)
             }
-            None => u64::MAX,
+            // No cap: every queued one (`limit` takes at most i64::MAX).
+            None => i64::MAX as u64,
         };
         if free == 0 {
             return Ok(Vec::new());
@@ -408,14 +409,19 @@ impl Store {
             .await?;
         let mut promoted = Vec::with_capacity(rows.len());
         for row in rows {
-            execution::Entity::update_many()
+            // Still queued: a concurrent cancel may have won.
+            let updated = execution::Entity::update_many()
                 .col_expr(
                     execution::Column::Status,
                     ExecutionStatus::Pending.as_str().into(),
                 )
                 .filter(execution::Column::Id.eq(&row.id))
+                .filter(execution::Column::Status.eq(ExecutionStatus::Queued.as_str()))
                 .exec(&txn)
                 .await?;
+            if updated.rows_affected != 1 {
+                continue;
+            }
             let steps = steps_of(&txn, &row.id).await?;
             let mut exec = execution_from_rows(row, steps)?;
             exec.set_status(ExecutionStatus::Pending);

@@ -80,7 +80,9 @@ fn check_labels(labels: &std::collections::HashMap<String, String>, v: &mut Viol
         v.add("labels", format!("at most {MAX_LABELS} labels"));
     }
     for (key, value) in labels {
-        if key.is_empty() {
+        if key.contains('\0') || value.contains('\0') {
+            v.add(format!("labels[{key}]"), "must not hold NUL characters");
+        } else if key.is_empty() {
             v.add("labels", "label keys must not be empty");
         } else if key.len() > MAX_LABEL_LEN || value.len() > MAX_LABEL_LEN {
             v.add(
@@ -198,8 +200,21 @@ impl PipelineService for PipelineApi {
         let input = convert::struct_to_json(request.input, "input", &mut v);
         if let Err(problem) = limits::check_object(&input, limits::MAX_INPUT_BYTES) {
             v.add("input", format!("the input {problem}"));
+        } else if limits::contains_nul(&input) {
+            v.add("input", "must not hold NUL characters");
+        }
+        for (field, text) in [
+            ("correlation_id", &request.correlation_id),
+            ("request_id", &request.request_id),
+        ] {
+            if text.contains('\0') {
+                v.add(field, "must not hold NUL characters");
+            }
         }
         let trigger = convert::trigger_from_proto(request.trigger, &mut v);
+        if limits::contains_nul(&trigger.data) {
+            v.add("trigger.data", "must not hold NUL characters");
+        }
         let run = v.into_result(RunRequest {
             pipeline_name: request.pipeline_name,
             input,

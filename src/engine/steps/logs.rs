@@ -11,6 +11,7 @@ use std::sync::Mutex;
 
 use tokio::sync::mpsc;
 
+use crate::domain::limits;
 use crate::domain::status::LogStream;
 
 /// Longest line kept; the rest of a longer line is cut off.
@@ -78,6 +79,7 @@ impl Reporter {
         if line.len() > MAX_LINE_BYTES {
             text.push_str(" [line cut]");
         }
+        let text = limits::without_nul(text);
         let size = text.len();
         self.send(size, StepReport::Log { stream, line: text });
     }
@@ -87,7 +89,7 @@ impl Reporter {
         if percent.is_nan() {
             return;
         }
-        let message: String = message.chars().take(MAX_LINE_BYTES).collect();
+        let message = limits::without_nul(message.chars().take(MAX_LINE_BYTES).collect());
         let size = message.len();
         self.send(
             size,
