@@ -261,7 +261,8 @@ impl Shared {
             .await?;
         let request_fingerprint = request.fingerprint();
         let mut exec = Execution {
-            id: uuid::Uuid::now_v7().to_string(),
+            // The id and creation time are assigned at admission.
+            id: String::new(),
             pipeline_name: pipeline.spec.name.clone(),
             pipeline_version: pipeline.version,
             steps: pipeline

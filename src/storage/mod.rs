@@ -245,6 +245,10 @@ impl Store {
     /// cap the execution is queued, refused or queued while the oldest active
     /// ones are evicted, as the policy says. `exec.status` must be `Pending`;
     /// it becomes `Queued` (with its first event) if it has to wait.
+    /// `exec.id` and `exec.created_at` are assigned here, under the admission
+    /// lock, so that id order is admission order: queued executions start in
+    /// id order, and none of them can have been created before one that was
+    /// admitted ahead of it.
     pub async fn admit_execution(
         &self,
         exec: &mut Execution,
@@ -267,6 +271,8 @@ impl Store {
                 )?)));
             }
         }
+        exec.id = uuid::Uuid::now_v7().to_string();
+        exec.created_at = chrono::Utc::now();
         let mut to_cancel = Vec::new();
         if let Some(cap) = cap.filter(|c| c.max_active > 0) {
             let holding: Vec<(String, String)> = execution::Entity::find()
