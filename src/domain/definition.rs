@@ -105,11 +105,14 @@ impl RetryPolicy {
         } else {
             self.backoff_coefficient
         };
-        let max = self.max_interval.unwrap_or(initial * 100);
+        let max = self
+            .max_interval
+            .unwrap_or(initial * 100)
+            .min(MAX_RETRY_INTERVAL);
         let exponent = attempt.saturating_sub(1).min(64) as i32;
         let base = (initial.as_secs_f64() * coefficient.powi(exponent)).min(max.as_secs_f64());
         let spread = 1.0 + self.jitter * (2.0 * random - 1.0);
-        Duration::from_secs_f64((base * spread).max(0.0))
+        Duration::from_secs_f64((base * spread).clamp(0.0, MAX_RETRY_INTERVAL.as_secs_f64()))
     }
 }
 

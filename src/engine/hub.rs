@@ -58,7 +58,7 @@ impl EventHub {
                 let _ = sender.send(Arc::clone(&event));
             }
             if everyone {
-                let _ = self.all.send(event);
+                let _ = self.all.send(slim(event));
             }
         }
     }
@@ -86,6 +86,19 @@ impl EventHub {
     pub fn watched_executions(&self) -> usize {
         self.channels.lock().expect("event hub lock").len()
     }
+}
+
+/// The event without step outputs and execution data, which can be large,
+/// for watchers of all executions: what their buffer holds stays small.
+fn slim(event: Arc<Event>) -> Arc<Event> {
+    if event.output.is_none() && event.execution_data.is_none() {
+        return event;
+    }
+    Arc::new(Event {
+        output: None,
+        execution_data: None,
+        ..Event::clone(&event)
+    })
 }
 
 impl Subscription {

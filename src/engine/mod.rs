@@ -191,7 +191,10 @@ impl Engine {
     /// Asks the execution's runner to cancel it; a queued execution is
     /// cancelled at once.
     pub async fn cancel_execution(&self, id: &str, mode: CancelMode) -> Result<Execution, Error> {
-        self.shared.cancel_execution(id, mode).await
+        let shared = Arc::clone(&self.shared);
+        let id = id.to_string();
+        // Detached: cancelling a queued execution commits, then publishes.
+        detached(async move { shared.cancel_execution(&id, mode).await }).await
     }
 
     /// Stops new steps of a running execution from starting.

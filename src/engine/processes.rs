@@ -50,9 +50,16 @@ impl ProcessRegistry {
                 .file_name()
                 .to_str()
                 .and_then(|n| n.parse::<u32>().ok());
+            // A live leader must be the recorded process (not a recycled
+            // pid). A gone leader may have left members behind; the group
+            // id cannot be reused while they live, so kill the group.
+            let ours = |pgid: u32| match start_time(pgid) {
+                Some(now) => now == recorded,
+                None => true,
+            };
             if let Some(pgid) = pgid
                 && !recorded.is_empty()
-                && start_time(pgid).as_deref() == Some(recorded.as_str())
+                && ours(pgid)
                 && killpg(Pid::from_raw(pgid as i32), Signal::SIGKILL).is_ok()
             {
                 tracing::info!(

@@ -162,6 +162,10 @@ impl Runner {
             if self.shared.shutdown.is_cancelled() {
                 return self.abandon().await;
             }
+            // Past the deadline (say, after a restart), nothing new starts.
+            if self.deadline_to_watch().is_some_and(|at| at <= Utc::now()) {
+                self.on_deadline();
+            }
             if !self.start_ready_steps().await {
                 return self.abandon().await;
             }

@@ -163,7 +163,7 @@ pub(super) fn watch_all(shared: Arc<Shared>, filter: AllEventsFilter) -> WatchSt
                 received = events.recv() => match received {
                     Ok(event) => {
                         if filter.matches(&event) {
-                            if tx.send(Ok(WatchItem::Event(Arc::clone(&event)))).await.is_err() {
+                            if tx.send(Ok(WatchItem::Event(event))).await.is_err() {
                                 return;
                             }
                             idle.reset();
