@@ -1034,3 +1034,92 @@ async fn watching_all_executions_rejects_unknown_types_and_statuses() {
         assert_eq!(field_violations(&refusal), [field]);
     }
 }
+
+// ----- regressions -----
+
+#[tokio::test]
+async fn queued_executions_start_when_an_update_removes_the_cap() {
+    let app = spawn_app().await;
+    let gate = app.path("gate");
+    let yaml = |cap: &str| {
+        format!(
+            "name: uncapped\n{cap}steps:\n- {{name: hold, command: {{program: sh, args: [-c, '{}']}}}}\n",
+            wait_for_gate(&gate)
+        )
+    };
+    app.create(&yaml("concurrency: {max_active: 1}\n")).await;
+    let first = app.run("uncapped", json!({})).await;
+    let second = app.run("uncapped", json!({})).await;
+    assert_eq!(status(&second), pb::ExecutionStatus::Queued);
+    app.client
+        .clone()
+        .update_pipeline(pb::UpdatePipelineRequest {
+            pipeline: Some(pipeline(&yaml(""))),
+        })
+        .await
+        .unwrap();
+    std::fs::write(&gate, "").unwrap();
+    assert_eq!(
+        status(&app.finish(&first.id).await),
+        pb::ExecutionStatus::Succeeded
+    );
+    assert_eq!(
+        status(&app.finish(&second.id).await),
+        pb::ExecutionStatus::Succeeded,
+        "the queued execution starts although the pipeline has no cap any more"
+    );
+}
+
+#[tokio::test]
+async fn cancelling_a_queued_retry_keeps_the_steps_that_had_succeeded() {
+    let app = spawn_app().await;
+    let gate = app.path("gate");
+    let marker = app.path("marker");
+    app.create(&format!(
+        "name: keep\nconcurrency: {{max_active: 1}}\nsteps:\n\
+         - {{name: ok, set: {{values: {{kept: true}}}}}}\n\
+         - {{name: flaky, needs: [ok], command: {{program: sh, args: [-c, 'test -e {marker}']}}}}\n\
+         - {{name: hold, command: {{program: sh, args: [-c, 'test -e {marker} || exit 0; {}']}}}}\n",
+        wait_for_gate(&gate),
+        marker = marker.display(),
+    ))
+    .await;
+    let failed = app.finish(&app.run("keep", json!({"n": 1})).await.id).await;
+    assert_eq!(status(&failed), pb::ExecutionStatus::Failed);
+    // Another execution takes the only slot and holds it at the gate.
+    std::fs::write(&marker, "").unwrap();
+    let holder = app.run("keep", json!({"n": 2})).await;
+    app.wait_for(&holder.id, |e| {
+        event_type(e) == pb::EventType::StepStarted && e.step_name == "hold"
+    })
+    .await;
+    let retried = app
+        .client
+        .clone()
+        .retry_execution(pb::RetryExecutionRequest {
+            execution_id: failed.id.clone(),
+            from_step: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .execution
+        .unwrap();
+    assert_eq!(status(&retried), pb::ExecutionStatus::Queued);
+    let cancelled = cancel(&app, &failed.id).await.unwrap();
+    assert_eq!(status(&cancelled), pb::ExecutionStatus::Cancelled);
+    let ok = step(&cancelled, "ok");
+    assert_eq!(step_status(ok), pb::StepStatus::Succeeded);
+    assert_eq!(to_json(&ok.output), json!({"kept": true}));
+    assert_eq!(
+        step_status(step(&cancelled, "flaky")),
+        pb::StepStatus::Cancelled
+    );
+    let events = app.events(&failed.id, 0).await;
+    assert_gapless(&events, 1);
+    std::fs::write(&gate, "").unwrap();
+    assert_eq!(
+        status(&app.finish(&holder.id).await),
+        pb::ExecutionStatus::Succeeded
+    );
+}

@@ -954,3 +954,32 @@ async fn a_step_waiting_for_its_next_attempt_ends_failed_when_another_step_fails
     assert!(patient.next_attempt_at.is_none());
     assert_eq!(step_status(step(&done, "later")), pb::StepStatus::Skipped);
 }
+
+#[tokio::test]
+async fn nul_characters_are_refused_in_inputs_and_outputs_and_replaced_in_logs() {
+    let app = spawn_app().await;
+    app.create(
+        "name: nul\nsteps:\n\
+         - {name: noisy, command: {program: sh, args: [-c, \"printf 'a\\\\000b\\\\n' >&2; echo '{}'\"]}}\n\
+         - {name: bad, needs: [noisy], command: {program: sh, args: [-c, 'echo \"{\\\"k\\\": \\\"x\\\\u0000y\\\"}\"']}}\n",
+    )
+    .await;
+    let execution = app.run("nul", json!({})).await;
+    let events = app.events(&execution.id, 0).await;
+    let done = app.get(&execution.id).await;
+    let line = events
+        .iter()
+        .find(|e| event_type(e) == pb::EventType::StepLog && e.step_name == "noisy")
+        .expect("the stderr line");
+    assert_eq!(line.message, "a\u{FFFD}b");
+    assert_eq!(step_status(step(&done, "noisy")), pb::StepStatus::Succeeded);
+    let bad = step(&done, "bad");
+    assert_eq!(
+        (step_status(bad), bad.error_kind.as_str()),
+        (pb::StepStatus::Failed, "invalid_output")
+    );
+
+    let refused = run_error(&app, "nul", json!({"k": "x\u{0}y"})).await;
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert_eq!(violated_fields(&refused), ["input"]);
+}
