@@ -969,7 +969,11 @@ async fn nul_characters_are_refused_in_inputs_and_outputs_and_replaced_in_logs()
     let done = app.get(&execution.id).await;
     let line = events
         .iter()
-        .find(|e| event_type(e) == pb::EventType::StepLog && e.step_name == "noisy")
+        .find(|e| {
+            event_type(e) == pb::EventType::StepLog
+                && e.step_name == "noisy"
+                && e.log_stream == pb::LogStream::Stderr as i32
+        })
         .expect("the stderr line");
     assert_eq!(line.message, "a\u{FFFD}b");
     assert_eq!(step_status(step(&done, "noisy")), pb::StepStatus::Succeeded);
