@@ -11,6 +11,12 @@ use super::data::{JsonMap, layered};
 use super::definition::{Graph, PipelineSpec};
 use super::status::{EventKind, ExecutionStatus, LogStream, StepStatus, TriggerKind};
 
+/// The time now, to the microsecond: what both SQLite and PostgreSQL keep,
+/// so that a time the API returns at once equals the one read back later.
+pub fn now() -> DateTime<Utc> {
+    chrono::SubsecRound::trunc_subsecs(Utc::now(), 6)
+}
+
 /// One stored version of a pipeline.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pipeline {
@@ -162,7 +168,7 @@ impl Event {
             execution_id: exec.id.clone(),
             sequence,
             kind,
-            time: Utc::now(),
+            time: now(),
             execution_status: exec.status,
             step_name: None,
             attempt: 0,

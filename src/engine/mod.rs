@@ -18,7 +18,6 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use chrono::Utc;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -26,7 +25,7 @@ use tracing::Instrument;
 
 use crate::domain::Error;
 use crate::domain::definition::{CommandPolicy, Graph, PipelineSpec};
-use crate::domain::model::{Event, Execution, Pipeline, RunRequest, StepRun};
+use crate::domain::model::{self, Event, Execution, Pipeline, RunRequest, StepRun};
 use crate::domain::status::{CancelMode, EventKind, ExecutionStatus, StepStatus};
 use crate::storage::{Admission, ExecutionFilter, Store, StoreError};
 use hub::EventHub;
@@ -282,7 +281,7 @@ impl Shared {
             execution_data: request.input.clone(),
             input: request.input,
             error_message: String::new(),
-            created_at: Utc::now(),
+            created_at: model::now(),
             started_at: None,
             finished_at: None,
             last_sequence: 0,
@@ -338,7 +337,7 @@ impl Shared {
 
     /// Cancels an execution that never started.
     async fn cancel_queued(&self, mut exec: Execution) -> Result<Execution, Error> {
-        let now = Utc::now();
+        let now = model::now();
         // A retried execution waits in the queue with its succeeded steps:
         // only the steps still to run are cancelled.
         let changed: Vec<usize> = (0..exec.steps.len())
@@ -449,7 +448,7 @@ impl Shared {
             step.reset();
             step.retry_base = step.attempt;
         }
-        let now = Utc::now();
+        let now = model::now();
         exec.set_status(if capped {
             ExecutionStatus::Queued
         } else {

@@ -25,7 +25,7 @@ use crate::domain::condition;
 use crate::domain::data::JsonMap;
 use crate::domain::definition::Graph;
 use crate::domain::limits;
-use crate::domain::model::{Event, Execution};
+use crate::domain::model::{self, Event, Execution};
 use crate::domain::status::{CancelMode, EventKind, ExecutionStatus, LogStream, StepStatus};
 
 /// A request sent to a runner; each is answered with the execution after it.
@@ -121,7 +121,7 @@ impl Runner {
     async fn prepare(&mut self) -> bool {
         let mut changed = Vec::new();
         let mut events = Vec::new();
-        let now = Utc::now();
+        let now = model::now();
         match self.exec.status {
             ExecutionStatus::Pending => {
                 self.exec.set_status(ExecutionStatus::Running);
@@ -286,7 +286,7 @@ impl Runner {
             if !self.may_start_steps() {
                 return true;
             }
-            let now = Utc::now();
+            let now = model::now();
             let mut free = self.max_parallel.saturating_sub(self.running.len());
             let ready: Vec<usize> = self
                 .ready_steps()
@@ -441,7 +441,7 @@ impl Runner {
             );
             events.push(event);
         }
-        let now = Utc::now();
+        let now = model::now();
         let outcome = match done.outcome {
             StepOutcome::Succeeded(output) => self.accept_output(i, output),
             other => other,
@@ -619,7 +619,7 @@ impl Runner {
     /// Nothing is running any more: settles the remaining steps and the
     /// execution, commits, and tells watchers.
     async fn finish(&mut self) {
-        let now = Utc::now();
+        let now = model::now();
         let cancelling = matches!(
             self.exec.status,
             ExecutionStatus::Stopping | ExecutionStatus::Terminating

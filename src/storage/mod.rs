@@ -18,7 +18,7 @@ use serde_json::Value;
 
 use crate::domain::data::JsonMap;
 use crate::domain::definition::{ConcurrencyMode, ConcurrencyPolicy, PipelineSpec};
-use crate::domain::model::{Event, Execution, Pipeline, StepRun, Trigger};
+use crate::domain::model::{self, Event, Execution, Pipeline, StepRun, Trigger};
 use crate::domain::status::{EventKind, ExecutionStatus, StepStatus, TriggerKind};
 use entities::{execution, execution_event, execution_label, execution_step, pipeline};
 
@@ -272,7 +272,7 @@ impl Store {
             }
         }
         exec.id = uuid::Uuid::now_v7().to_string();
-        exec.created_at = chrono::Utc::now();
+        exec.created_at = model::now();
         let mut to_cancel = Vec::new();
         if let Some(cap) = cap.filter(|c| c.max_active > 0) {
             let holding: Vec<(String, String)> = execution::Entity::find()
@@ -675,7 +675,7 @@ async fn insert_pipeline(
     spec: &PipelineSpec,
     version: i64,
 ) -> Result<Pipeline> {
-    let created_at = chrono::Utc::now();
+    let created_at = model::now();
     let definition = serde_json::to_value(spec).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     pipeline::Entity::insert(pipeline::ActiveModel {
         name: Set(spec.name.clone()),

@@ -60,7 +60,7 @@ async fn spawn_app_configured(
     let mut config = ServeConfig {
         listen: addr,
         data_dir: dir.path().join("data"),
-        database_url: None,
+        database_url: test_database(dir.path()).await,
         max_parallel_steps: 16,
         allow_commands,
         shutdown_grace: Duration::from_secs(1),
@@ -79,6 +79,37 @@ async fn spawn_app_configured(
         shutdown: Some(tx),
         handle: Some(handle),
     }
+}
+
+/// The environment variable that points the suite at PostgreSQL: a URL of a
+/// database on a server where the suite may create databases. Unset, every
+/// test uses a SQLite file in its temporary directory.
+pub const POSTGRES_ENV: &str = "PIPELINED_TEST_POSTGRES_URL";
+
+/// The database of the test whose files live in `dir`: `None` for the SQLite
+/// default, or, when [`POSTGRES_ENV`] is set, a PostgreSQL database of its
+/// own, created on first use and remembered in `dir` so that a server
+/// restarted on the same directory finds the same data.
+pub async fn test_database(dir: &Path) -> Option<String> {
+    let admin_url = std::env::var(POSTGRES_ENV).ok().filter(|u| !u.is_empty())?;
+    let remembered = dir.join("database_url");
+    if let Ok(url) = std::fs::read_to_string(&remembered) {
+        return Some(url);
+    }
+    let name = format!("t_{}", uuid::Uuid::now_v7().simple());
+    let admin = sea_orm::Database::connect(admin_url.as_str())
+        .await
+        .expect("connect to the test PostgreSQL server");
+    sea_orm::ConnectionTrait::execute_unprepared(&admin, &format!("CREATE DATABASE {name}"))
+        .await
+        .expect("create a test database");
+    admin.close().await.ok();
+    let (base, _) = admin_url
+        .rsplit_once('/')
+        .expect("a postgres:// URL naming a database");
+    let url = format!("{base}/{name}");
+    std::fs::write(&remembered, &url).expect("remember the test database");
+    Some(url)
 }
 
 pub async fn connect(addr: SocketAddr) -> Client {
