@@ -172,6 +172,14 @@ pub struct ServeArgs {
     /// How long a watch stream may stay silent before a heartbeat is sent.
     #[arg(long, env = "PIPELINED_HEARTBEAT", default_value = "15s", value_parser = humantime::parse_duration)]
     pub heartbeat: std::time::Duration,
+    /// This server's name in execution leases (default: one kept in the
+    /// data directory).
+    #[arg(long, env = "PIPELINED_REPLICA_ID")]
+    pub replica_id: Option<String>,
+    /// How long a lease on an execution lasts unless renewed; another
+    /// replica takes over a dead one's executions after it.
+    #[arg(long, env = "PIPELINED_LEASE", default_value = "15s", value_parser = humantime::parse_duration)]
+    pub lease: std::time::Duration,
     /// Log filter, e.g. info or pipelined=debug.
     #[arg(long, env = "PIPELINED_LOG", default_value = "info")]
     pub log: String,
@@ -486,6 +494,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             .collect(),
         shutdown_grace: args.shutdown_grace,
         heartbeat_interval: args.heartbeat,
+        replica_id: args.replica_id,
+        lease: args.lease,
     };
     server::serve(config, listener, server::signal()).await?;
     Ok(ExitCode::SUCCESS)

@@ -35,9 +35,34 @@ pub struct ServeConfig {
     pub shutdown_grace: Duration,
     /// How long a watch stream may stay silent before a heartbeat is sent.
     pub heartbeat_interval: Duration,
+    /// This server's name in execution leases; `None` uses the one kept in
+    /// the data directory (made up on first start).
+    pub replica_id: Option<String>,
+    /// How long a replica's lease on an execution lasts unless renewed: how
+    /// soon another replica takes over the executions of one that died.
+    pub lease: Duration,
 }
 
 impl ServeConfig {
+    /// The replica id in effect: the configured one, or the one kept in
+    /// `<data-dir>/replica-id`, created on first use.
+    pub fn replica_id(&self) -> anyhow::Result<String> {
+        if let Some(id) = self.replica_id.as_ref().filter(|id| !id.is_empty()) {
+            return Ok(id.clone());
+        }
+        let path = self.data_dir.join("replica-id");
+        if let Ok(id) = std::fs::read_to_string(&path)
+            && !id.trim().is_empty()
+        {
+            return Ok(id.trim().to_string());
+        }
+        std::fs::create_dir_all(&self.data_dir)
+            .with_context(|| format!("cannot create data directory {}", self.data_dir.display()))?;
+        let id = uuid::Uuid::now_v7().to_string();
+        std::fs::write(&path, &id).with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(id)
+    }
+
     /// The database URL in effect, creating the data directory if needed.
     pub fn database_url(&self) -> anyhow::Result<String> {
         if let Some(url) = &self.database_url {
@@ -62,7 +87,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let url = config.database_url()?;
-    let store = Store::connect(&url)
+    let replica = config.replica_id()?;
+    let store = Store::connect(&url, &replica, config.lease)
         .await
         .with_context(|| format!("cannot open database {url}"))?;
     let engine = Engine::new(

@@ -1,4 +1,5 @@
-//! Idempotency keys, execution deadlines, step retry state and a label index.
+//! Idempotency keys, execution deadlines, step retry state, a label index,
+//! and execution leases (which replica runs an execution, until when).
 
 use sea_orm_migration::prelude::*;
 
@@ -12,6 +13,9 @@ enum Executions {
     RequestId,
     RequestFingerprint,
     DeadlineAt,
+    Owner,
+    LeaseExpiresAt,
+    Status,
 }
 
 #[derive(DeriveIden)]
@@ -58,6 +62,17 @@ impl MigrationTrait for Migration {
                     .to_owned(),
             ),
             (
+                Executions::Table.into_iden(),
+                ColumnDef::new(Executions::Owner).string().null().to_owned(),
+            ),
+            (
+                Executions::Table.into_iden(),
+                ColumnDef::new(Executions::LeaseExpiresAt)
+                    .timestamp_with_time_zone()
+                    .null()
+                    .to_owned(),
+            ),
+            (
                 ExecutionSteps::Table.into_iden(),
                 ColumnDef::new(ExecutionSteps::NextAttemptAt)
                     .timestamp_with_time_zone()
@@ -98,6 +113,16 @@ impl MigrationTrait for Migration {
                     .table(Executions::Table)
                     .col(Executions::RequestId)
                     .unique()
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(
+                Index::create()
+                    .name("executions_status_lease")
+                    .table(Executions::Table)
+                    .col(Executions::Status)
+                    .col(Executions::LeaseExpiresAt)
                     .to_owned(),
             )
             .await?;
@@ -152,6 +177,14 @@ impl MigrationTrait for Migration {
         manager
             .drop_index(
                 Index::drop()
+                    .name("executions_status_lease")
+                    .table(Executions::Table)
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .drop_index(
+                Index::drop()
                     .name("executions_request_id")
                     .table(Executions::Table)
                     .to_owned(),
@@ -169,6 +202,11 @@ impl MigrationTrait for Migration {
             (
                 Executions::Table.into_iden(),
                 Executions::DeadlineAt.into_iden(),
+            ),
+            (Executions::Table.into_iden(), Executions::Owner.into_iden()),
+            (
+                Executions::Table.into_iden(),
+                Executions::LeaseExpiresAt.into_iden(),
             ),
             (
                 ExecutionSteps::Table.into_iden(),

@@ -63,6 +63,16 @@ impl EventHub {
         }
     }
 
+    /// Whether anyone here watches `execution_id`, or all executions.
+    pub fn is_watched(&self, execution_id: &str) -> bool {
+        self.all.receiver_count() > 0
+            || self
+                .channels
+                .lock()
+                .expect("event hub lock")
+                .contains_key(execution_id)
+    }
+
     /// Starts receiving events of every execution published from now on.
     pub fn subscribe_all(&self) -> broadcast::Receiver<Arc<Event>> {
         self.all.subscribe()

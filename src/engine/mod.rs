@@ -104,23 +104,28 @@ impl Engine {
     /// Resumes every execution left unfinished by a previous run of the
     /// server, after killing the command processes that run left behind.
     /// Returns how many executions it resumed or kept queued.
+    ///
+    /// "Unfinished" means active and held by no live replica: this server's
+    /// own executions from before a restart, and those whose lease ran out.
+    /// Afterwards a background task keeps renewing this server's leases and
+    /// takes over executions whose replica stopped renewing them.
     pub async fn recover(&self) -> Result<usize, Error> {
         if let Some(processes) = &self.shared.processes {
             processes.kill_leftovers();
         }
-        let ids = self.shared.store.active_execution_ids().await?;
-        for id in &ids {
-            let exec = self.shared.store.get_execution(id).await?;
-            if exec.status == ExecutionStatus::Queued {
-                self.shared.note_queued(&exec.pipeline_name);
-            } else {
-                self.shared.register_and_spawn(exec)?;
-            }
+        let resumed = self.shared.take_over(true).await?;
+        self.shared.promote_all_queued().await?;
+        let shared = Arc::clone(&self.shared);
+        self.shared
+            .tasks
+            .spawn(async move { shared.keep_leases().await });
+        if let Some(listener) = self.shared.store.listen_for_events().await? {
+            let shared = Arc::clone(&self.shared);
+            self.shared
+                .tasks
+                .spawn(async move { shared.relay_events(listener).await });
         }
-        for name in self.shared.store.pipelines_with_queued().await? {
-            self.shared.promote(&name).await?;
-        }
-        Ok(ids.len())
+        Ok(resumed)
     }
 
     /// Stops runners and watchers and waits for the runners to settle.
@@ -506,6 +511,108 @@ impl Shared {
         }
     }
 
+    /// Claims the executions no live replica holds (with `mine`, also this
+    /// replica's own from before a restart) and starts their runners.
+    /// Returns how many it started.
+    async fn take_over(self: &Arc<Self>, mine: bool) -> Result<usize, Error> {
+        let ids = self.store.claim_orphans(mine, i64::MAX as u64).await?;
+        let mut started = 0;
+        for id in ids {
+            if self.runners.lock().expect("runners lock").contains_key(&id) {
+                continue;
+            }
+            let exec = self.store.get_execution(&id).await?;
+            if exec.status.holds_slot() && self.register_and_spawn(exec).is_ok() {
+                tracing::info!(execution = %id, "resuming an execution no replica holds");
+                started += 1;
+            }
+        }
+        Ok(started)
+    }
+
+    /// Promotes the queued executions of every pipeline that has some.
+    async fn promote_all_queued(self: &Arc<Self>) -> Result<(), Error> {
+        for name in self.store.pipelines_with_queued().await? {
+            self.note_queued(&name);
+            self.promote(&name).await?;
+        }
+        Ok(())
+    }
+
+    /// Until shutdown, every third of a lease: renews this replica's leases,
+    /// takes over executions whose lease ran out, and promotes queued
+    /// executions (their pipeline's last execution may have ended on a
+    /// replica that died).
+    async fn keep_leases(self: Arc<Self>) {
+        let period = self.store.lease() / 3;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+            if let Err(error) = self.store.renew_leases().await {
+                tracing::warn!(%error, "renewing execution leases failed");
+                continue;
+            }
+            if let Err(error) = self.take_over(false).await {
+                tracing::warn!(%error, "taking over executions failed");
+            }
+            if let Err(error) = self.promote_all_queued().await {
+                tracing::warn!(%error, "starting queued executions failed");
+            }
+        }
+    }
+
+    /// Until shutdown, hands the events other replicas commit to the
+    /// watchers here (PostgreSQL `LISTEN`; the events are read from the
+    /// table). After a lost connection the listener reconnects; watchers
+    /// re-read the table at each heartbeat, so nothing is lost meanwhile.
+    async fn relay_events(self: Arc<Self>, mut listener: sea_orm::sqlx::postgres::PgListener) {
+        loop {
+            let received = tokio::select! {
+                received = listener.recv() => received,
+                _ = self.shutdown.cancelled() => return,
+            };
+            match received {
+                Ok(notification) => self.relay(notification.payload()).await,
+                Err(error) => {
+                    tracing::warn!(%error, "listening for other replicas' events failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        _ = self.shutdown.cancelled() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    /// Publishes here the events another replica announced (`replica id
+    /// first last`), if anyone here watches them.
+    async fn relay(&self, announcement: &str) {
+        let mut parts = announcement.split(' ');
+        let (Some(replica), Some(id), Some(first), Some(last)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return;
+        };
+        let (Ok(first), Ok(last)) = (first.parse::<i64>(), last.parse::<i64>()) else {
+            return;
+        };
+        if replica == self.store.replica() || last < first || !self.hub.is_watched(id) {
+            return;
+        }
+        match self
+            .store
+            .events_after(id, first - 1, (last - first + 1) as u64)
+            .await
+        {
+            Ok(events) => self.hub.publish(&events),
+            Err(error) => {
+                tracing::warn!(execution = %id, %error, "reading another replica's events failed")
+            }
+        }
+    }
+
     fn note_queued(&self, pipeline: &str) {
         self.queued_pipelines
             .lock()
@@ -515,12 +622,15 @@ impl Shared {
 
     /// Called by a runner whose execution reached a terminal status: starts
     /// queued executions of its pipeline if there are any.
-    fn execution_finished(self: &Arc<Self>, pipeline: &str) {
-        let waiting = self
-            .queued_pipelines
-            .lock()
-            .expect("queued lock")
-            .contains(pipeline);
+    fn execution_finished(self: &Arc<Self>, pipeline: &str, capped: bool) {
+        // With several replicas, the queued execution may have been noted
+        // by another one.
+        let waiting = (capped && self.store.is_shared())
+            || self
+                .queued_pipelines
+                .lock()
+                .expect("queued lock")
+                .contains(pipeline);
         if waiting && !self.shutdown.is_cancelled() {
             let shared = Arc::clone(self);
             let pipeline = pipeline.to_string();

@@ -27,6 +27,7 @@ use crate::domain::definition::Graph;
 use crate::domain::limits;
 use crate::domain::model::{self, Event, Execution};
 use crate::domain::status::{CancelMode, EventKind, ExecutionStatus, LogStream, StepStatus};
+use crate::storage::StoreError;
 
 /// A request sent to a runner; each is answered with the execution after it.
 pub enum Control {
@@ -707,7 +708,14 @@ impl Runner {
             // terminal event can retry the execution at once.
             self.unregister();
             self.shared.hub.publish(&events);
-            self.shared.execution_finished(&self.exec.pipeline_name);
+            let capped = self
+                .exec
+                .definition
+                .concurrency
+                .as_ref()
+                .is_some_and(|c| c.max_active > 0);
+            self.shared
+                .execution_finished(&self.exec.pipeline_name, capped);
         }
     }
 
@@ -808,6 +816,11 @@ impl Runner {
                 .await
             {
                 Ok(()) => return true,
+                Err(StoreError::LeaseLost(_)) => {
+                    // Another replica runs it now; stop without recording.
+                    tracing::warn!(execution = %self.exec.id, "lost the lease on this execution; another replica took it over");
+                    return false;
+                }
                 Err(error) => {
                     tracing::warn!(execution = %self.exec.id, %error, "saving execution state failed; retrying");
                     tokio::select! {

@@ -137,6 +137,11 @@ pub(super) async fn watch(shared: Arc<Shared>, id: &str, after: i64) -> Result<W
                         if tx.send(Ok(WatchItem::Heartbeat(Utc::now()))).await.is_err() {
                             return;
                         }
+                        // With several replicas, a lost notification would
+                        // leave this watcher behind: look at the table.
+                        if shared.store.is_shared() {
+                            break;
+                        }
                     }
                     _ = tx.closed() => return,
                     _ = shared.shutdown.cancelled() => {

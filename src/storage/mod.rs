@@ -5,6 +5,7 @@
 pub mod entities;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::Duration;
 
 use migration::{Migrator, MigratorTrait};
@@ -43,6 +44,10 @@ pub enum StoreError {
     /// A pipeline's concurrency cap refuses a new execution.
     #[error("{0}")]
     LimitReached(String),
+    /// Another replica has taken the execution over: this one's lease on it
+    /// ran out.
+    #[error("execution '{0}' is no longer leased to this replica")]
+    LeaseLost(String),
 }
 
 type Result<T> = std::result::Result<T, StoreError>;
@@ -56,6 +61,12 @@ pub const ACTIVE_STATUSES: [ExecutionStatus; 6] = [
     ExecutionStatus::Stopping,
     ExecutionStatus::Terminating,
 ];
+
+/// The PostgreSQL notification channel on which every commit of events is
+/// announced, as `replica execution_id first_sequence last_sequence`. The
+/// events themselves are read from the table, so the 8000-byte payload
+/// limit never loses anything.
+pub const EVENTS_CHANNEL: &str = "pipelined_events";
 
 /// Statuses that hold one of a pipeline's concurrency slots.
 pub const SLOT_STATUSES: [ExecutionStatus; 5] = [
@@ -93,21 +104,36 @@ pub struct ExecutionFilter {
 /// write pool has a single connection (SQLite has a single writer anyway, and
 /// this avoids lock upgrades failing with SQLITE_BUSY) and reads use WAL
 /// snapshots in parallel; on PostgreSQL both are the same pool.
+///
+/// Every active execution is leased to one replica (`owner`, until
+/// `lease_expires_at`): only the owner writes its state, and a replica whose
+/// lease ran out finds its writes refused ([`StoreError::LeaseLost`]) once
+/// another replica has claimed the execution.
 #[derive(Clone)]
 pub struct Store {
     writer: DatabaseConnection,
     reader: DatabaseConnection,
+    /// This replica's id, the `owner` of the executions it runs.
+    replica: Arc<str>,
+    /// How long a lease lasts unless renewed.
+    lease: Duration,
 }
 
 impl Store {
     /// Connects to `url` (`sqlite://path?mode=rwc` or `postgres://...`) and
-    /// runs the migrations.
-    pub async fn connect(url: &str) -> Result<Self> {
+    /// runs the migrations. `replica` names this server in leases.
+    pub async fn connect(url: &str, replica: &str, lease: Duration) -> Result<Self> {
+        let replica: Arc<str> = Arc::from(replica);
         let store = if url.starts_with("sqlite:") {
             let writer = Database::connect(sqlite_options(url, 1)).await?;
             Migrator::up(&writer, None).await?;
             let reader = Database::connect(sqlite_options(url, 8)).await?;
-            Self { writer, reader }
+            Self {
+                writer,
+                reader,
+                replica,
+                lease,
+            }
         } else {
             let mut options = ConnectOptions::new(url);
             options
@@ -119,9 +145,100 @@ impl Store {
             Self {
                 writer: pool.clone(),
                 reader: pool,
+                replica,
+                lease,
             }
         };
         Ok(store)
+    }
+
+    /// This replica's id.
+    pub fn replica(&self) -> &str {
+        &self.replica
+    }
+
+    /// Whether several replicas may share this database (PostgreSQL).
+    pub fn is_shared(&self) -> bool {
+        self.writer.get_database_backend() == sea_orm::DbBackend::Postgres
+    }
+
+    /// A listener for the notifications other replicas send when they
+    /// commit events ([`EVENTS_CHANNEL`]); `None` on SQLite.
+    pub async fn listen_for_events(&self) -> Result<Option<sea_orm::sqlx::postgres::PgListener>> {
+        if !self.is_shared() {
+            return Ok(None);
+        }
+        let pool = self.writer.get_postgres_connection_pool();
+        let mut listener = sea_orm::sqlx::postgres::PgListener::connect_with(pool)
+            .await
+            .map_err(|e| {
+                StoreError::Database(DbErr::Conn(sea_orm::RuntimeErr::SqlxError(e.into())))
+            })?;
+        listener.listen(EVENTS_CHANNEL).await.map_err(|e| {
+            StoreError::Database(DbErr::Conn(sea_orm::RuntimeErr::SqlxError(e.into())))
+        })?;
+        Ok(Some(listener))
+    }
+
+    /// How long a lease lasts unless renewed.
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    fn lease_until(&self) -> chrono::DateTime<chrono::Utc> {
+        model::now() + self.lease
+    }
+
+    /// Claims up to `limit` active executions that no replica holds: never
+    /// leased, or leased until a time that has passed, or (with `mine`)
+    /// leased to this replica by an earlier run of it. Returns their ids.
+    /// On PostgreSQL, rows other replicas are claiming are skipped
+    /// (`FOR UPDATE SKIP LOCKED`), so concurrent claims never collide.
+    pub async fn claim_orphans(&self, mine: bool, limit: u64) -> Result<Vec<String>> {
+        let now = model::now();
+        let txn = self.writer.begin().await?;
+        let mut free = sea_orm::Condition::any()
+            .add(execution::Column::Owner.is_null())
+            .add(execution::Column::LeaseExpiresAt.lt(now));
+        if mine {
+            free = free.add(execution::Column::Owner.eq(self.replica.as_ref()));
+        }
+        let mut query = execution::Entity::find()
+            .select_only()
+            .column(execution::Column::Id)
+            .filter(execution::Column::Status.is_in(SLOT_STATUSES.map(ExecutionStatus::as_str)))
+            .filter(free)
+            .order_by_asc(execution::Column::Id)
+            .limit(limit);
+        if txn.get_database_backend() == sea_orm::DbBackend::Postgres {
+            query = query.lock_with_behavior(
+                sea_orm::sea_query::LockType::Update,
+                sea_orm::sea_query::LockBehavior::SkipLocked,
+            );
+        }
+        let ids: Vec<String> = query.into_tuple().all(&txn).await?;
+        if !ids.is_empty() {
+            execution::Entity::update_many()
+                .col_expr(execution::Column::Owner, self.replica.as_ref().into())
+                .col_expr(execution::Column::LeaseExpiresAt, self.lease_until().into())
+                .filter(execution::Column::Id.is_in(ids.iter().cloned()))
+                .exec(&txn)
+                .await?;
+        }
+        txn.commit().await?;
+        Ok(ids)
+    }
+
+    /// Extends the leases of the active executions this replica holds.
+    /// Returns how many it holds.
+    pub async fn renew_leases(&self) -> Result<u64> {
+        Ok(execution::Entity::update_many()
+            .col_expr(execution::Column::LeaseExpiresAt, self.lease_until().into())
+            .filter(execution::Column::Owner.eq(self.replica.as_ref()))
+            .filter(execution::Column::Status.is_in(SLOT_STATUSES.map(ExecutionStatus::as_str)))
+            .exec(&self.writer)
+            .await?
+            .rows_affected)
     }
 
     // ----- pipelines -----
@@ -328,7 +445,12 @@ impl Store {
                 exec.status = ExecutionStatus::Queued;
             }
         }
-        execution::Entity::insert(execution_row(exec))
+        let mut row = execution_row(exec);
+        if exec.status == ExecutionStatus::Pending {
+            row.owner = Set(Some(self.replica.to_string()));
+            row.lease_expires_at = Set(Some(self.lease_until()));
+        }
+        execution::Entity::insert(row)
             .exec_without_returning(&txn)
             .await
             .map_err(|error| match (&exec.request_id, error.sql_err()) {
@@ -374,6 +496,7 @@ impl Store {
             execution_event::Entity::insert(event_row(&event))
                 .exec_without_returning(&txn)
                 .await?;
+            self.announce(&txn, std::slice::from_ref(&event)).await?;
         }
         txn.commit().await?;
         Ok(Admission::Created { to_cancel })
@@ -421,6 +544,8 @@ impl Store {
                     execution::Column::Status,
                     ExecutionStatus::Pending.as_str().into(),
                 )
+                .col_expr(execution::Column::Owner, self.replica.as_ref().into())
+                .col_expr(execution::Column::LeaseExpiresAt, self.lease_until().into())
                 .filter(execution::Column::Id.eq(&row.id))
                 .filter(execution::Column::Status.eq(ExecutionStatus::Queued.as_str()))
                 .exec(&txn)
@@ -450,8 +575,12 @@ impl Store {
     }
 
     /// Commits a state change of `exec` in one transaction: the execution
-    /// row, the steps at `changed_steps`, and `events`. With `expect`, the
-    /// write happens only if the stored status is still `expect`.
+    /// row, the steps at `changed_steps`, and `events`. Without `expect`
+    /// (a runner's write), the write happens only while this replica holds
+    /// the execution's lease, else [`StoreError::LeaseLost`]. With `expect`
+    /// (an execution without a runner: a retry, a queued cancel), it happens
+    /// only if the stored status is still `expect`, and leases the execution
+    /// to this replica.
     pub async fn save(
         &self,
         exec: &Execution,
@@ -463,14 +592,21 @@ impl Store {
         let mut update = execution::Entity::update_many()
             .set(execution_row(exec))
             .filter(execution::Column::Id.eq(&exec.id));
-        if let Some(expected) = expect {
-            update = update.filter(execution::Column::Status.eq(expected.as_str()));
-        }
+        update = match expect {
+            Some(expected) => update
+                .filter(execution::Column::Status.eq(expected.as_str()))
+                .col_expr(execution::Column::Owner, self.replica.as_ref().into())
+                .col_expr(execution::Column::LeaseExpiresAt, self.lease_until().into()),
+            None => update.filter(execution::Column::Owner.eq(self.replica.as_ref())),
+        };
         if update.exec(&txn).await?.rows_affected != 1 {
-            return Err(StoreError::Conflict(format!(
-                "execution '{}' changed concurrently; try again",
-                exec.id
-            )));
+            return Err(match expect {
+                Some(_) => StoreError::Conflict(format!(
+                    "execution '{}' changed concurrently; try again",
+                    exec.id
+                )),
+                None => StoreError::LeaseLost(exec.id.clone()),
+            });
         }
         if !changed_steps.is_empty() {
             execution_step::Entity::insert_many(
@@ -504,8 +640,31 @@ impl Store {
             execution_event::Entity::insert_many(events.iter().map(event_row))
                 .exec_without_returning(&txn)
                 .await?;
+            self.announce(&txn, events).await?;
         }
         txn.commit().await?;
+        Ok(())
+    }
+
+    /// Tells the other replicas (PostgreSQL) about `events` when the
+    /// transaction commits.
+    async fn announce(&self, txn: &impl ConnectionTrait, events: &[Event]) -> Result<()> {
+        let (Some(first), Some(last)) = (events.first(), events.last()) else {
+            return Ok(());
+        };
+        if txn.get_database_backend() != sea_orm::DbBackend::Postgres {
+            return Ok(());
+        }
+        let payload = format!(
+            "{} {} {} {}",
+            self.replica, first.execution_id, first.sequence, last.sequence
+        );
+        txn.execute_raw(sea_orm::Statement::from_sql_and_values(
+            sea_orm::DbBackend::Postgres,
+            "SELECT pg_notify($1, $2)",
+            [EVENTS_CHANNEL.into(), payload.into()],
+        ))
+        .await?;
         Ok(())
     }
 
@@ -725,6 +884,9 @@ fn execution_row(exec: &Execution) -> execution::ActiveModel {
         request_id: Set(exec.request_id.clone()),
         request_fingerprint: Set(exec.request_fingerprint.clone()),
         deadline_at: Set(exec.deadline),
+        // Written only by the lease operations.
+        owner: sea_orm::ActiveValue::NotSet,
+        lease_expires_at: sea_orm::ActiveValue::NotSet,
     }
 }
 

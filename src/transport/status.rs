@@ -46,6 +46,7 @@ impl From<Error> for Status {
                 StoreError::Conflict(_) => Status::failed_precondition(message),
                 StoreError::RequestIdReused(_) => Status::already_exists(message),
                 StoreError::LimitReached(_) => Status::resource_exhausted(message),
+                StoreError::LeaseLost(_) => Status::unavailable(message),
                 StoreError::Database(ref db) if is_connection_error(db) => {
                     tracing::warn!(%error, "database unavailable");
                     Status::unavailable("the database is unavailable; try again")

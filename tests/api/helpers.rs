@@ -65,6 +65,8 @@ async fn spawn_app_configured(
         allow_commands,
         shutdown_grace: Duration::from_secs(1),
         heartbeat_interval: Duration::from_secs(15),
+        replica_id: None,
+        lease: Duration::from_secs(15),
     };
     tweak(&mut config);
     let (tx, rx) = oneshot::channel::<()>();

@@ -13,6 +13,7 @@ mod helpers;
 mod http_steps;
 mod pipelines;
 mod process;
+mod replicas;
 mod service;
 mod validation;
 mod watch;

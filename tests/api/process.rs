@@ -57,10 +57,15 @@ impl ServerProcess {
         // probing a free port with a listener of ours, closing it and passing
         // the number on. A restarted server gets a new port; clients
         // reconnect to `addr()` of the new process.
-        let database = crate::helpers::test_database(data_dir)
-            .await
-            .map(|url| vec!["--database-url".to_string(), url])
-            .unwrap_or_default();
+        // Replicas sharing a database name it in `extra_args`.
+        let database = if extra_args.contains(&"--database-url") {
+            Vec::new()
+        } else {
+            crate::helpers::test_database(data_dir)
+                .await
+                .map(|url| vec!["--database-url".to_string(), url])
+                .unwrap_or_default()
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_pipelined"))
             .arg("serve")
             .args(["--listen", "127.0.0.1:0", "--data-dir"])

@@ -30,6 +30,9 @@ pub struct Model {
     pub request_id: Option<String>,
     pub request_fingerprint: String,
     pub deadline_at: Option<DateTimeUtc>,
+    /// The replica running this execution, while its lease lasts.
+    pub owner: Option<String>,
+    pub lease_expires_at: Option<DateTimeUtc>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

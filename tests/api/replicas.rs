@@ -1,0 +1,255 @@
+//! Several replicas of the real binary on one PostgreSQL database. These
+//! tests need PostgreSQL (`PIPELINED_TEST_POSTGRES_URL`, which the test
+//! command sets for its second run); on SQLite they return at once, since
+//! SQLite serves one server only.
+
+use std::path::Path;
+use std::time::Duration;
+
+use pipelined::proto::v1 as pb;
+use serde_json::json;
+use tempfile::TempDir;
+use tokio_stream::StreamExt;
+
+use crate::helpers::*;
+use crate::process::ServerProcess;
+
+/// The lease the replicas run with: how soon a dead one's work moves.
+const LEASE: &str = "1s";
+
+/// `count` replicas on one fresh PostgreSQL database, each with its own
+/// data directory under `dir`; `None` without PostgreSQL.
+async fn replicas(dir: &Path, count: usize) -> Option<Vec<ServerProcess>> {
+    let url = test_database(dir).await?;
+    let mut servers = Vec::new();
+    for i in 0..count {
+        let data = dir.join(format!("replica-{i}"));
+        servers
+            .push(ServerProcess::start(&data, &["--database-url", &url, "--lease", LEASE]).await);
+    }
+    Some(servers)
+}
+
+/// A shell script (to put in single quotes in YAML) that waits for `gate`.
+fn gate_script(gate: &Path) -> String {
+    format!(
+        "while [ ! -e {} ]; do sleep 0.02; done; echo ''{{\"waited\": true}}''",
+        gate.display()
+    )
+}
+
+async fn watch_to_end(client: &Client, id: &str, after: i64) -> Vec<pb::ExecutionEvent> {
+    let mut stream = client
+        .clone()
+        .watch_execution(pb::WatchExecutionRequest {
+            execution_id: id.to_string(),
+            after_sequence: after,
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let mut events = Vec::new();
+    tokio::time::timeout(PATIENCE, async {
+        while let Some(message) = stream.next().await {
+            if let Some(event) = message.expect("watch stream").event {
+                events.push(event);
+            }
+        }
+    })
+    .await
+    .expect("the execution ends in time");
+    events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_replicas_executions_finish_on_the_others_and_watchers_elsewhere_miss_nothing() {
+    let dir = TempDir::new().unwrap();
+    let Some(mut servers) = replicas(dir.path(), 3).await else {
+        eprintln!("needs PostgreSQL: skipped on SQLite, which serves one server only");
+        return;
+    };
+    let gate = dir.path().join("gate");
+    let a = servers.remove(0);
+    let (b, c) = (&servers[0], &servers[1]);
+    let yaml = format!(
+        "name: moving\nsteps:\n\
+         - {{name: first, set: {{values: {{first: true}}}}}}\n\
+         - {{name: held, needs: [first], command: {{program: sh, args: [-c, '{}']}}}}\n\
+         - {{name: last, needs: [held], set: {{values: {{last: true}}}}}}\n",
+        gate_script(&gate)
+    );
+    a.client()
+        .create_pipeline(pb::CreatePipelineRequest {
+            pipeline: Some(pipeline(&yaml)),
+        })
+        .await
+        .unwrap();
+    // Started through A, watched through B.
+    let mut ids = Vec::new();
+    for n in 0..6 {
+        let execution = a
+            .client()
+            .run_pipeline(pb::RunPipelineRequest {
+                pipeline_name: "moving".into(),
+                input: Some(to_struct(json!({"n": n}))),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .execution
+            .unwrap();
+        ids.push(execution.id);
+    }
+    let mut watchers = Vec::new();
+    for id in &ids {
+        let client = b.client();
+        let id = id.clone();
+        watchers.push(tokio::spawn(
+            async move { watch_to_end(&client, &id, 0).await },
+        ));
+    }
+    // Every execution is in its held step on A.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    for id in &ids {
+        loop {
+            let execution = c
+                .client()
+                .get_execution(pb::GetExecutionRequest {
+                    execution_id: id.clone(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .execution
+                .unwrap();
+            if step_status(step(&execution, "held")) == pb::StepStatus::Running {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the held step of {id} never ran"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    a.kill().await;
+    std::fs::write(&gate, "").unwrap();
+
+    for (id, watcher) in ids.iter().zip(watchers) {
+        let events = watcher.await.unwrap();
+        assert_gapless(&events, 1);
+        let last = events.last().unwrap();
+        assert_eq!(event_type(last), pb::EventType::ExecutionSucceeded, "{id}");
+        let done = c
+            .client()
+            .get_execution(pb::GetExecutionRequest {
+                execution_id: id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .execution
+            .unwrap();
+        assert_eq!(done.last_sequence, last.sequence);
+        assert_eq!(
+            step(&done, "first").attempt,
+            1,
+            "succeeded steps are not re-run"
+        );
+        assert_eq!(
+            step(&done, "held").attempt,
+            2,
+            "the interrupted step ran again"
+        );
+        assert_eq!(
+            to_json(&done.execution_data),
+            json!({"n": ids.iter().position(|i| i == id).unwrap(), "first": true, "waited": true, "last": true})
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn caps_and_request_ids_hold_across_replicas() {
+    let dir = TempDir::new().unwrap();
+    let Some(servers) = replicas(dir.path(), 3).await else {
+        eprintln!("needs PostgreSQL: skipped on SQLite, which serves one server only");
+        return;
+    };
+    let gate = dir.path().join("gate");
+    servers[0]
+        .client()
+        .create_pipeline(pb::CreatePipelineRequest {
+            pipeline: Some(pipeline(&format!(
+                "name: one-at-a-time\nconcurrency: {{max_active: 1, mode: reject}}\nsteps:\n\
+                 - {{name: hold, command: {{program: sh, args: [-c, '{}']}}}}\n",
+                gate_script(&gate)
+            ))),
+        })
+        .await
+        .unwrap();
+    // 30 racing runs, 10 through each replica: exactly one is admitted.
+    let mut calls = Vec::new();
+    for i in 0..30 {
+        let client = servers[i % 3].client();
+        calls.push(tokio::spawn(async move {
+            client
+                .clone()
+                .run_pipeline(pb::RunPipelineRequest {
+                    pipeline_name: "one-at-a-time".into(),
+                    input: Some(to_struct(json!({"i": i}))),
+                    ..Default::default()
+                })
+                .await
+        }));
+    }
+    let mut admitted = Vec::new();
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(response) => admitted.push(response.into_inner().execution.unwrap().id),
+            Err(status) => assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}"),
+        }
+    }
+    assert_eq!(admitted.len(), 1, "exactly one run passes a cap of 1");
+
+    // 30 racing runs with one request id, 10 through each replica: one execution.
+    servers[0]
+        .client()
+        .create_pipeline(pb::CreatePipelineRequest {
+            pipeline: Some(pipeline("name: once\nsteps:\n- {name: a, noop: {}}\n")),
+        })
+        .await
+        .unwrap();
+    let mut calls = Vec::new();
+    for i in 0..30 {
+        let client = servers[i % 3].client();
+        calls.push(tokio::spawn(async move {
+            client
+                .clone()
+                .run_pipeline(pb::RunPipelineRequest {
+                    pipeline_name: "once".into(),
+                    request_id: "order-7".into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .execution
+                .unwrap()
+                .id
+        }));
+    }
+    let mut ids = Vec::new();
+    for call in calls {
+        ids.push(call.await.unwrap());
+    }
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "one execution for one request id: {ids:?}");
+    std::fs::write(&gate, "").unwrap();
+    let events = watch_to_end(&servers[2].client(), &admitted[0], 0).await;
+    assert_eq!(
+        event_type(events.last().unwrap()),
+        pb::EventType::ExecutionSucceeded
+    );
+}
