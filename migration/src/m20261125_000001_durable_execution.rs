@@ -15,6 +15,7 @@ enum Executions {
     DeadlineAt,
     Owner,
     LeaseExpiresAt,
+    RequestedAction,
     Status,
 }
 
@@ -69,6 +70,13 @@ impl MigrationTrait for Migration {
                 Executions::Table.into_iden(),
                 ColumnDef::new(Executions::LeaseExpiresAt)
                     .timestamp_with_time_zone()
+                    .null()
+                    .to_owned(),
+            ),
+            (
+                Executions::Table.into_iden(),
+                ColumnDef::new(Executions::RequestedAction)
+                    .string()
                     .null()
                     .to_owned(),
             ),
@@ -204,6 +212,10 @@ impl MigrationTrait for Migration {
                 Executions::DeadlineAt.into_iden(),
             ),
             (Executions::Table.into_iden(), Executions::Owner.into_iden()),
+            (
+                Executions::Table.into_iden(),
+                Executions::RequestedAction.into_iden(),
+            ),
             (
                 Executions::Table.into_iden(),
                 Executions::LeaseExpiresAt.into_iden(),

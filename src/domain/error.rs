@@ -46,6 +46,9 @@ pub enum Error {
     Lagged(String),
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// Something needed is out of reach for now; trying again may work.
+    #[error("{0}")]
+    Unavailable(String),
     /// A bug or a task that died; never expected.
     #[error("internal error: {0}")]
     Internal(String),

@@ -30,7 +30,7 @@ use crate::domain::status::{CancelMode, EventKind, ExecutionStatus, StepStatus};
 use crate::storage::{Admission, ExecutionFilter, Store, StoreError};
 use hub::EventHub;
 use processes::ProcessRegistry;
-use runner::{Control, Runner};
+use runner::{Action, Control, Runner};
 
 pub use watch::{AllEventsFilter, WatchItem, WatchStream};
 
@@ -203,16 +203,12 @@ impl Engine {
 
     /// Stops new steps of a running execution from starting.
     pub async fn pause_execution(&self, id: &str) -> Result<Execution, Error> {
-        self.shared
-            .control(id, "pause", |reply| Control::Pause { reply })
-            .await
+        self.shared.control(id, Action::Pause).await
     }
 
     /// Lets a paused execution start steps again.
     pub async fn resume_execution(&self, id: &str) -> Result<Execution, Error> {
-        self.shared
-            .control(id, "resume", |reply| Control::Resume { reply })
-            .await
+        self.shared.control(id, Action::Resume).await
     }
 
     /// Puts a failed or cancelled execution back to running: failed, skipped
@@ -249,6 +245,10 @@ impl Engine {
         self.shared.hub.watched_executions()
     }
 }
+
+/// How long a replica waits for another one to carry out a forwarded
+/// cancel, pause or resume.
+const FORWARD_PATIENCE: Duration = Duration::from_secs(10);
 
 /// Runs `work` as its own task and waits for it: dropping the caller does
 /// not stop the work half-way.
@@ -324,10 +324,7 @@ impl Shared {
     }
 
     async fn cancel_execution(&self, id: &str, mode: CancelMode) -> Result<Execution, Error> {
-        match self
-            .control(id, "cancel", |reply| Control::Cancel { mode, reply })
-            .await
-        {
+        match self.control(id, Action::Cancel(mode)).await {
             Err(Error::FailedPrecondition(message)) => {
                 let exec = self.store.get_execution(id).await?;
                 if exec.status == ExecutionStatus::Queued {
@@ -379,31 +376,104 @@ impl Shared {
     }
 
     /// Sends a request to the execution's runner and waits for the answer.
-    /// Without a runner the execution is not active: FAILED_PRECONDITION
+    /// A runner on another replica gets it through the database. Without a
+    /// runner anywhere the execution is not active: FAILED_PRECONDITION
     /// (NOT_FOUND if it does not exist).
-    async fn control(
-        &self,
-        id: &str,
-        action: &str,
-        request: impl FnOnce(oneshot::Sender<Result<Execution, Error>>) -> Control,
-    ) -> Result<Execution, Error> {
-        let runner = self.runners.lock().expect("runners lock").get(id).cloned();
-        if let Some(runner) = runner {
-            let (reply, answer) = oneshot::channel();
-            if runner.send(request(reply)).await.is_ok()
-                && let Ok(result) = answer.await
-            {
-                return result;
-            }
+    async fn control(&self, id: &str, action: Action) -> Result<Execution, Error> {
+        if let Some(result) = self.control_here(id, action).await {
+            return result;
         }
         if self.shutdown.is_cancelled() {
             return Err(Error::ShuttingDown);
         }
         let exec = self.store.get_execution(id).await?;
+        if self.store.is_shared() && exec.status.holds_slot() {
+            return self.forward(exec, action).await;
+        }
+        action.plan(exec.status)?;
         Err(Error::FailedPrecondition(format!(
-            "cannot {action} an execution that is {}",
+            "cannot {} an execution that is {} (it has no runner)",
+            action.as_str(),
             exec.status
         )))
+    }
+
+    /// Asks this replica's runner of `id`, if it has one.
+    async fn control_here(&self, id: &str, action: Action) -> Option<Result<Execution, Error>> {
+        let runner = self
+            .runners
+            .lock()
+            .expect("runners lock")
+            .get(id)
+            .cloned()?;
+        let (reply, answer) = oneshot::channel();
+        runner.send(Control { action, reply }).await.ok()?;
+        answer.await.ok()
+    }
+
+    /// Leaves `action` for the replica that runs `exec` and waits until the
+    /// execution's status shows it was carried out.
+    async fn forward(&self, exec: Execution, action: Action) -> Result<Execution, Error> {
+        // A pending execution's runner makes it running before it reads
+        // any request.
+        let status = match exec.status {
+            ExecutionStatus::Pending => ExecutionStatus::Running,
+            other => other,
+        };
+        let Some(target) = action.plan(status)? else {
+            return Ok(exec);
+        };
+        if !self.store.request_action(&exec.id, action.as_str()).await? {
+            // It finished meanwhile.
+            let now = self.store.get_execution(&exec.id).await?;
+            action.plan(now.status)?;
+            return Ok(now);
+        }
+        let deadline = tokio::time::Instant::now() + FORWARD_PATIENCE;
+        loop {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+            let now = self.store.get_execution(&exec.id).await?;
+            if now.status == target || now.status.is_terminal() {
+                return Ok(now);
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Unavailable(format!(
+                    "the replica running execution {} did not carry out the request in {}s; \
+                     it stays asked and is carried out when the execution is taken over",
+                    exec.id,
+                    FORWARD_PATIENCE.as_secs()
+                )));
+            }
+        }
+    }
+
+    /// Carries out the requests other replicas left for executions this
+    /// replica runs (all of them, or those of `id`).
+    async fn apply_requests(&self, id: Option<&str>) {
+        let requests = match self.store.take_requests(id).await {
+            Ok(requests) => requests,
+            Err(error) => {
+                tracing::warn!(%error, "reading forwarded requests failed");
+                return;
+            }
+        };
+        for (id, text) in requests {
+            let Some(action) = Action::parse(&text) else {
+                tracing::warn!(execution = %id, request = %text, "unknown forwarded request");
+                continue;
+            };
+            match self.control_here(&id, action).await {
+                Some(Ok(_)) => {
+                    tracing::info!(execution = %id, request = %text, "carried out a forwarded request")
+                }
+                Some(Err(error)) => {
+                    tracing::info!(execution = %id, request = %text, %error, "refused a forwarded request")
+                }
+                None => {
+                    tracing::warn!(execution = %id, request = %text, "a forwarded request found no runner here")
+                }
+            }
+        }
     }
 
     async fn retry_execution(
@@ -557,6 +627,9 @@ impl Shared {
             if let Err(error) = self.take_over(false).await {
                 tracing::warn!(%error, "taking over executions failed");
             }
+            if self.store.is_shared() {
+                self.apply_requests(None).await;
+            }
             if let Err(error) = self.promote_all_queued().await {
                 tracing::warn!(%error, "starting queued executions failed");
             }
@@ -574,6 +647,9 @@ impl Shared {
                 _ = self.shutdown.cancelled() => return,
             };
             match received {
+                Ok(notification) if notification.channel() == crate::storage::REQUESTS_CHANNEL => {
+                    self.apply_requests(Some(notification.payload())).await;
+                }
                 Ok(notification) => self.relay(notification.payload()).await,
                 Err(error) => {
                     tracing::warn!(%error, "listening for other replicas' events failed; retrying");

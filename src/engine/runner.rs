@@ -29,18 +29,67 @@ use crate::domain::model::{self, Event, Execution};
 use crate::domain::status::{CancelMode, EventKind, ExecutionStatus, LogStream, StepStatus};
 use crate::storage::StoreError;
 
-/// A request sent to a runner; each is answered with the execution after it.
-pub enum Control {
-    Cancel {
-        mode: CancelMode,
-        reply: oneshot::Sender<Result<Execution, Error>>,
-    },
-    Pause {
-        reply: oneshot::Sender<Result<Execution, Error>>,
-    },
-    Resume {
-        reply: oneshot::Sender<Result<Execution, Error>>,
-    },
+/// What a caller asks of a running execution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Cancel(CancelMode),
+    Pause,
+    Resume,
+}
+
+impl Action {
+    /// The text stored when the request is forwarded to another replica.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Cancel(CancelMode::Graceful) => "cancel",
+            Self::Cancel(CancelMode::Terminate) => "terminate",
+            Self::Pause => "pause",
+            Self::Resume => "resume",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "cancel" => Self::Cancel(CancelMode::Graceful),
+            "terminate" => Self::Cancel(CancelMode::Terminate),
+            "pause" => Self::Pause,
+            "resume" => Self::Resume,
+            _ => return None,
+        })
+    }
+
+    /// What the action does to an execution in `status`: `Ok(None)` if
+    /// nothing (it is already where the action would put it),
+    /// `Ok(Some(next))` for a legal change, FAILED_PRECONDITION otherwise.
+    pub fn plan(self, status: ExecutionStatus) -> Result<Option<ExecutionStatus>, Error> {
+        let (target, verb) = match self {
+            Self::Cancel(CancelMode::Graceful) => (ExecutionStatus::Stopping, "cancel"),
+            Self::Cancel(CancelMode::Terminate) => (ExecutionStatus::Terminating, "cancel"),
+            Self::Pause => (ExecutionStatus::Paused, "pause"),
+            Self::Resume => (ExecutionStatus::Running, "resume"),
+        };
+        // Repeating a request, or asking a terminating execution to stop
+        // gracefully, changes nothing and is not an error.
+        if status == target
+            || (status == ExecutionStatus::Terminating
+                && self == Self::Cancel(CancelMode::Graceful))
+        {
+            return Ok(None);
+        }
+        if self == Self::Resume && status != ExecutionStatus::Paused {
+            return Err(Error::FailedPrecondition(format!(
+                "cannot resume an execution that is {status} (only paused executions resume)"
+            )));
+        }
+        status.check(target, verb)?;
+        Ok(Some(target))
+    }
+}
+
+/// A request sent to a runner, answered with the execution after it.
+pub struct Control {
+    pub action: Action,
+    pub reply: oneshot::Sender<Result<Execution, Error>>,
 }
 
 struct Finished {
@@ -544,11 +593,11 @@ impl Runner {
         }
     }
 
-    async fn on_control(&mut self, control: Control) -> bool {
-        let (reply, result) = match control {
-            Control::Cancel { mode, reply } => (reply, self.cancel(mode).await),
-            Control::Pause { reply } => (reply, self.pause_or_resume(true).await),
-            Control::Resume { reply } => (reply, self.pause_or_resume(false).await),
+    async fn on_control(&mut self, Control { action, reply }: Control) -> bool {
+        let result = match action.plan(self.exec.status) {
+            Err(error) => Err(error),
+            Ok(None) => Ok(true),
+            Ok(Some(target)) => self.apply(action, target).await,
         };
         match result {
             Ok(committed) => {
@@ -562,57 +611,25 @@ impl Runner {
         }
     }
 
-    /// Ok(false) if the change could not be committed (shutdown).
-    async fn cancel(&mut self, mode: CancelMode) -> Result<bool, Error> {
-        let target = match mode {
-            CancelMode::Graceful => ExecutionStatus::Stopping,
-            CancelMode::Terminate => ExecutionStatus::Terminating,
-        };
-        let status = self.exec.status;
-        // Repeating a cancel, or asking a terminating execution to stop
-        // gracefully, changes nothing and is not an error.
-        if status == target
-            || (status == ExecutionStatus::Terminating && mode == CancelMode::Graceful)
-        {
-            return Ok(true);
-        }
-        status.check(target, "cancel")?;
+    /// Moves the execution to `target` as `action` asks (already planned
+    /// as legal). Ok(false) if the change could not be committed.
+    async fn apply(&mut self, action: Action, target: ExecutionStatus) -> Result<bool, Error> {
         self.exec.set_status(target);
-        let mut event = self.event(EventKind::ExecutionCancelRequested, None);
-        event.message = mode.as_str().to_string();
+        let mut event = match action {
+            Action::Cancel(mode) => {
+                let mut event = self.event(EventKind::ExecutionCancelRequested, None);
+                event.message = mode.as_str().to_string();
+                event
+            }
+            Action::Pause => self.event(EventKind::ExecutionPaused, None),
+            Action::Resume => self.event(EventKind::ExecutionResumed, None),
+        };
+        event.execution_status = target;
         if !self.commit(&[], vec![event]).await {
             return Err(Error::ShuttingDown);
         }
-        if mode == CancelMode::Terminate {
+        if action == Action::Cancel(CancelMode::Terminate) {
             self.running.values().for_each(CancellationToken::cancel);
-        }
-        Ok(true)
-    }
-
-    async fn pause_or_resume(&mut self, pause: bool) -> Result<bool, Error> {
-        let (target, kind, action) = if pause {
-            (ExecutionStatus::Paused, EventKind::ExecutionPaused, "pause")
-        } else {
-            (
-                ExecutionStatus::Running,
-                EventKind::ExecutionResumed,
-                "resume",
-            )
-        };
-        if self.exec.status == target {
-            return Ok(true);
-        }
-        if !pause && self.exec.status != ExecutionStatus::Paused {
-            return Err(Error::FailedPrecondition(format!(
-                "cannot resume an execution that is {} (only paused executions resume)",
-                self.exec.status
-            )));
-        }
-        self.exec.status.check(target, action)?;
-        self.exec.set_status(target);
-        let event = self.event(kind, None);
-        if !self.commit(&[], vec![event]).await {
-            return Err(Error::ShuttingDown);
         }
         Ok(true)
     }
@@ -734,10 +751,7 @@ impl Runner {
         // Answer pending requests so their callers are not left waiting.
         self.control.close();
         while let Ok(control) = self.control.try_recv() {
-            let (Control::Cancel { reply, .. }
-            | Control::Pause { reply }
-            | Control::Resume { reply }) = control;
-            let _ = reply.send(Err(Error::ShuttingDown));
+            let _ = control.reply.send(Err(Error::ShuttingDown));
         }
     }
 

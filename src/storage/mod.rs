@@ -68,6 +68,10 @@ pub const ACTIVE_STATUSES: [ExecutionStatus; 6] = [
 /// limit never loses anything.
 pub const EVENTS_CHANNEL: &str = "pipelined_events";
 
+/// The PostgreSQL notification channel that tells the replica running an
+/// execution (payload: its id) that another replica left it a request.
+pub const REQUESTS_CHANNEL: &str = "pipelined_requests";
+
 /// Statuses that hold one of a pipeline's concurrency slots.
 pub const SLOT_STATUSES: [ExecutionStatus; 5] = [
     ExecutionStatus::Pending,
@@ -174,9 +178,12 @@ impl Store {
             .map_err(|e| {
                 StoreError::Database(DbErr::Conn(sea_orm::RuntimeErr::SqlxError(e.into())))
             })?;
-        listener.listen(EVENTS_CHANNEL).await.map_err(|e| {
-            StoreError::Database(DbErr::Conn(sea_orm::RuntimeErr::SqlxError(e.into())))
-        })?;
+        listener
+            .listen_all([EVENTS_CHANNEL, REQUESTS_CHANNEL])
+            .await
+            .map_err(|e| {
+                StoreError::Database(DbErr::Conn(sea_orm::RuntimeErr::SqlxError(e.into())))
+            })?;
         Ok(Some(listener))
     }
 
@@ -227,6 +234,58 @@ impl Store {
         }
         txn.commit().await?;
         Ok(ids)
+    }
+
+    /// Leaves `action` on an active execution for the replica that runs it
+    /// (replacing an earlier request not carried out yet) and tells it.
+    /// Returns false if the execution is not active.
+    pub async fn request_action(&self, id: &str, action: &str) -> Result<bool> {
+        let txn = self.writer.begin().await?;
+        let updated = execution::Entity::update_many()
+            .col_expr(execution::Column::RequestedAction, action.into())
+            .filter(execution::Column::Id.eq(id))
+            .filter(execution::Column::Status.is_in(SLOT_STATUSES.map(ExecutionStatus::as_str)))
+            .exec(&txn)
+            .await?
+            .rows_affected;
+        if updated == 1 && txn.get_database_backend() == sea_orm::DbBackend::Postgres {
+            txn.execute_raw(sea_orm::Statement::from_sql_and_values(
+                sea_orm::DbBackend::Postgres,
+                "SELECT pg_notify($1, $2)",
+                [REQUESTS_CHANNEL.into(), id.into()],
+            ))
+            .await?;
+        }
+        txn.commit().await?;
+        Ok(updated == 1)
+    }
+
+    /// Takes (reads and clears) the requests left for executions this
+    /// replica holds: all of them, or those of `id`.
+    pub async fn take_requests(&self, id: Option<&str>) -> Result<Vec<(String, String)>> {
+        let txn = self.writer.begin().await?;
+        let mut query = execution::Entity::find()
+            .select_only()
+            .column(execution::Column::Id)
+            .column(execution::Column::RequestedAction)
+            .filter(execution::Column::Owner.eq(self.replica.as_ref()))
+            .filter(execution::Column::RequestedAction.is_not_null());
+        if let Some(id) = id {
+            query = query.filter(execution::Column::Id.eq(id));
+        }
+        let requests: Vec<(String, String)> = query.into_tuple().all(&txn).await?;
+        if !requests.is_empty() {
+            execution::Entity::update_many()
+                .col_expr(
+                    execution::Column::RequestedAction,
+                    sea_orm::sea_query::Expr::value(Option::<String>::None),
+                )
+                .filter(execution::Column::Id.is_in(requests.iter().map(|(id, _)| id.clone())))
+                .exec(&txn)
+                .await?;
+        }
+        txn.commit().await?;
+        Ok(requests)
     }
 
     /// Extends the leases of the active executions this replica holds.
@@ -887,6 +946,7 @@ fn execution_row(exec: &Execution) -> execution::ActiveModel {
         // Written only by the lease operations.
         owner: sea_orm::ActiveValue::NotSet,
         lease_expires_at: sea_orm::ActiveValue::NotSet,
+        requested_action: sea_orm::ActiveValue::NotSet,
     }
 }
 

@@ -35,7 +35,7 @@ impl From<Error> for Status {
             Error::RequestIdReused(_) => Status::already_exists(message),
             Error::ResourceExhausted(_) => Status::resource_exhausted(message),
             Error::Lagged(_) => Status::aborted(message),
-            Error::ShuttingDown => Status::unavailable(message),
+            Error::ShuttingDown | Error::Unavailable(_) => Status::unavailable(message),
             Error::Internal(_) => {
                 tracing::error!(%message, "internal error");
                 Status::internal(message)

@@ -253,3 +253,105 @@ async fn caps_and_request_ids_hold_across_replicas() {
         pb::EventType::ExecutionSucceeded
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cancel_pause_and_resume_work_through_a_replica_that_does_not_run_the_execution() {
+    let dir = TempDir::new().unwrap();
+    let Some(servers) = replicas(dir.path(), 2).await else {
+        eprintln!("needs PostgreSQL: skipped on SQLite, which serves one server only");
+        return;
+    };
+    let gate = dir.path().join("gate");
+    let (a, b) = (&servers[0], &servers[1]);
+    a.client()
+        .create_pipeline(pb::CreatePipelineRequest {
+            pipeline: Some(pipeline(&format!(
+                "name: remote\nsteps:\n\
+                 - {{name: held, command: {{program: sh, args: [-c, '{}']}}}}\n\
+                 - {{name: after, needs: [held], noop: {{}}}}\n",
+                gate_script(&gate)
+            ))),
+        })
+        .await
+        .unwrap();
+    let id = a
+        .client()
+        .run_pipeline(pb::RunPipelineRequest {
+            pipeline_name: "remote".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .execution
+        .unwrap()
+        .id;
+    let mut remote = b.client();
+    let paused = remote
+        .pause_execution(pb::PauseExecutionRequest {
+            execution_id: id.clone(),
+        })
+        .await
+        .expect("pause through the other replica")
+        .into_inner()
+        .execution
+        .unwrap();
+    assert_eq!(status(&paused), pb::ExecutionStatus::Paused);
+    // Asking again changes nothing, and resuming a paused one works.
+    let again = remote
+        .pause_execution(pb::PauseExecutionRequest {
+            execution_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .execution
+        .unwrap();
+    assert_eq!(again.last_sequence, paused.last_sequence);
+    let resumed = remote
+        .resume_execution(pb::ResumeExecutionRequest {
+            execution_id: id.clone(),
+        })
+        .await
+        .expect("resume through the other replica")
+        .into_inner()
+        .execution
+        .unwrap();
+    assert_eq!(status(&resumed), pb::ExecutionStatus::Running);
+    let cancelling = remote
+        .cancel_execution(pb::CancelExecutionRequest {
+            execution_id: id.clone(),
+            mode: pb::CancelMode::Terminate as i32,
+        })
+        .await
+        .expect("cancel through the other replica")
+        .into_inner()
+        .execution
+        .unwrap();
+    assert!(
+        matches!(
+            status(&cancelling),
+            pb::ExecutionStatus::Terminating | pb::ExecutionStatus::Cancelled
+        ),
+        "{:?}",
+        status(&cancelling)
+    );
+    let events = watch_to_end(&b.client(), &id, 0).await;
+    assert_gapless(&events, 1);
+    let kinds: Vec<_> = events.iter().map(event_type).collect();
+    for kind in [
+        pb::EventType::ExecutionPaused,
+        pb::EventType::ExecutionResumed,
+        pb::EventType::ExecutionCancelRequested,
+        pb::EventType::ExecutionCancelled,
+    ] {
+        assert!(kinds.contains(&kind), "{kind:?} in {kinds:?}");
+    }
+    // A request that is illegal where the execution is gets the same answer
+    // on any replica.
+    let refused = remote
+        .resume_execution(pb::ResumeExecutionRequest { execution_id: id })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
+}

@@ -33,6 +33,8 @@ pub struct Model {
     /// The replica running this execution, while its lease lasts.
     pub owner: Option<String>,
     pub lease_expires_at: Option<DateTimeUtc>,
+    /// A cancel, pause or resume another replica asked of the owner.
+    pub requested_action: Option<String>,
 }
 
 #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
