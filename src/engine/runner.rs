@@ -841,7 +841,7 @@ impl Runner {
                         _ = tokio::time::sleep(delay) => {}
                         _ = self.shared.shutdown.cancelled() => return false,
                     }
-                    delay = (delay * 2).min(Duration::from_secs(5));
+                    delay = (delay * 2).min(Duration::from_secs(1));
                 }
             }
         }

@@ -50,6 +50,32 @@ pub enum StoreError {
     LeaseLost(String),
 }
 
+impl StoreError {
+    /// Whether the database is out of reach (down, restarting, the network
+    /// cut): trying again later may work.
+    pub fn is_unavailable(&self) -> bool {
+        use sea_orm::sqlx::Error as Sqlx;
+        let Self::Database(error) = self else {
+            return false;
+        };
+        let sqlx = match error {
+            DbErr::Conn(_) | DbErr::ConnectionAcquire(_) => return true,
+            DbErr::Exec(sea_orm::RuntimeErr::SqlxError(e))
+            | DbErr::Query(sea_orm::RuntimeErr::SqlxError(e)) => e,
+            _ => return false,
+        };
+        match sqlx.as_ref() {
+            Sqlx::Io(_) | Sqlx::PoolTimedOut | Sqlx::PoolClosed | Sqlx::WorkerCrashed => true,
+            // PostgreSQL's classes 08 (connection exception) and 57P
+            // (operator intervention: shutting down, starting up).
+            Sqlx::Database(db) => db
+                .code()
+                .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
+            _ => false,
+        }
+    }
+}
+
 type Result<T> = std::result::Result<T, StoreError>;
 
 /// Statuses of executions that are not finished.
@@ -311,7 +337,17 @@ impl Store {
                 id: spec.name.clone(),
             });
         }
-        let stored = insert_pipeline(&txn, spec, 1).await?;
+        // A concurrent create of the same name loses on the unique index.
+        let stored = insert_pipeline(&txn, spec, 1).await.map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::AlreadyExists {
+                    kind: "pipeline",
+                    id: spec.name.clone(),
+                }
+            } else {
+                e
+            }
+        })?;
         txn.commit().await?;
         Ok(stored)
     }
@@ -325,7 +361,16 @@ impl Store {
                 id: spec.name.clone(),
             });
         };
-        let stored = insert_pipeline(&txn, spec, latest + 1).await?;
+        let stored = insert_pipeline(&txn, spec, latest + 1).await.map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::Conflict(format!(
+                    "pipeline '{}' was updated concurrently; try again",
+                    spec.name
+                ))
+            } else {
+                e
+            }
+        })?;
         txn.commit().await?;
         Ok(stored)
     }
@@ -852,6 +897,13 @@ fn sqlite_options(url: &str, connections: u32) -> ConnectOptions {
                 .foreign_keys(true)
         });
     options
+}
+
+fn is_unique_violation(error: &StoreError) -> bool {
+    matches!(
+        error,
+        StoreError::Database(db) if matches!(db.sql_err(), Some(sea_orm::SqlErr::UniqueConstraintViolation(_)))
+    )
 }
 
 async fn steps_of(db: &impl ConnectionTrait, id: &str) -> Result<Vec<execution_step::Model>> {

@@ -47,7 +47,7 @@ impl From<Error> for Status {
                 StoreError::RequestIdReused(_) => Status::already_exists(message),
                 StoreError::LimitReached(_) => Status::resource_exhausted(message),
                 StoreError::LeaseLost(_) => Status::unavailable(message),
-                StoreError::Database(ref db) if is_connection_error(db) => {
+                ref unavailable if unavailable.is_unavailable() => {
                     tracing::warn!(%error, "database unavailable");
                     Status::unavailable("the database is unavailable; try again")
                 }
@@ -58,11 +58,4 @@ impl From<Error> for Status {
             },
         }
     }
-}
-
-fn is_connection_error(error: &sea_orm::DbErr) -> bool {
-    matches!(
-        error,
-        sea_orm::DbErr::ConnectionAcquire(_) | sea_orm::DbErr::Conn(_)
-    )
 }
