@@ -84,6 +84,18 @@ async fn a_killed_replicas_executions_finish_on_the_others_and_watchers_elsewher
         })
         .await
         .unwrap();
+    // Completions of the pipeline, watched through C, whichever replica
+    // ends up running each execution.
+    let mut completions = c
+        .client()
+        .watch_executions(pb::WatchExecutionsRequest {
+            pipeline_name: "moving".into(),
+            types: vec![pb::EventType::ExecutionSucceeded as i32],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
     // Started through A, watched through B.
     let mut ids = Vec::new();
     for n in 0..6 {
@@ -167,6 +179,22 @@ async fn a_killed_replicas_executions_finish_on_the_others_and_watchers_elsewher
             json!({"n": ids.iter().position(|i| i == id).unwrap(), "first": true, "waited": true, "last": true})
         );
     }
+    let mut completed = Vec::new();
+    tokio::time::timeout(PATIENCE, async {
+        while completed.len() < ids.len() {
+            let message = completions.next().await.expect("the stream stays open");
+            if let Some(event) = message.expect("watch all").event {
+                assert_eq!(event.pipeline_name, "moving");
+                completed.push(event.execution_id);
+            }
+        }
+    })
+    .await
+    .expect("every completion reaches the watcher on C");
+    completed.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(completed, expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
