@@ -23,6 +23,9 @@ pub struct EventHub {
     channels: Mutex<HashMap<String, broadcast::Sender<Arc<Event>>>>,
     /// Every event, for watchers of all executions.
     all: broadcast::Sender<Arc<Event>>,
+    /// Bumped when events of other replicas may have been missed (the
+    /// notification connection was lost): watchers must re-read.
+    missed: tokio::sync::watch::Sender<u64>,
 }
 
 impl Default for EventHub {
@@ -30,6 +33,7 @@ impl Default for EventHub {
         Self {
             channels: Mutex::default(),
             all: broadcast::channel(ALL_CAPACITY).0,
+            missed: tokio::sync::watch::channel(0).0,
         }
     }
 }
@@ -61,6 +65,16 @@ impl EventHub {
                 let _ = self.all.send(slim(event));
             }
         }
+    }
+
+    /// Tells every watcher that events may have been missed.
+    pub fn report_missed(&self) {
+        self.missed.send_modify(|n| *n += 1);
+    }
+
+    /// Changes when events may have been missed ([`Self::report_missed`]).
+    pub fn missed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.missed.subscribe()
     }
 
     /// Whether anyone here watches `execution_id`, or all executions.

@@ -30,7 +30,7 @@ use crate::domain::status::{CancelMode, EventKind, ExecutionStatus, StepStatus};
 use crate::storage::{Admission, ExecutionFilter, Store, StoreError};
 use hub::EventHub;
 use processes::ProcessRegistry;
-use runner::{Action, Control, Runner};
+use runner::{Action, Control, Inbox, Runner};
 
 pub use watch::{AllEventsFilter, WatchItem, WatchStream};
 
@@ -64,8 +64,8 @@ pub(crate) struct Shared {
     store: Store,
     hub: Arc<EventHub>,
     config: EngineConfig,
-    /// Control channels of the runners of active executions, by id.
-    runners: Mutex<HashMap<String, mpsc::Sender<Control>>>,
+    /// The runners of active executions, by id.
+    runners: Mutex<HashMap<String, RunnerHandle>>,
     /// Pipelines that have (had) queued executions: when one of their
     /// executions finishes, queued ones are promoted. Entries are never
     /// removed, so that no race can strand a queued execution.
@@ -73,6 +73,14 @@ pub(crate) struct Shared {
     processes: Option<ProcessRegistry>,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+}
+
+/// How the engine reaches one runner.
+struct RunnerHandle {
+    control: mpsc::Sender<Control>,
+    /// Cancelled to make the runner stop at once without recording anything
+    /// more (its lease is gone); a child of the shutdown token.
+    stop: CancellationToken,
 }
 
 /// The service's domain operations. Cheap to clone.
@@ -113,7 +121,11 @@ impl Engine {
         if let Some(processes) = &self.shared.processes {
             processes.kill_leftovers();
         }
-        let resumed = self.shared.take_over(true).await?;
+        // This replica has no runner yet: its old leases (all of them, on
+        // SQLite, where it is the only server) are free to claim now.
+        let shared_store = self.shared.store.is_shared();
+        self.shared.store.release_leases(!shared_store).await?;
+        let resumed = self.shared.take_over().await?;
         self.shared.promote_all_queued().await?;
         let shared = Arc::clone(&self.shared);
         self.shared
@@ -249,6 +261,8 @@ impl Engine {
 /// How long a replica waits for another one to carry out a forwarded
 /// cancel, pause or resume.
 const FORWARD_PATIENCE: Duration = Duration::from_secs(10);
+/// Executions claimed per query when taking over.
+const CLAIM_BATCH: u64 = 100;
 
 /// Runs `work` as its own task and waits for it: dropping the caller does
 /// not stop the work half-way.
@@ -310,9 +324,14 @@ impl Shared {
                     self.register_and_spawn(exec.clone())?;
                 }
                 for id in to_cancel {
-                    if let Err(error) = self.cancel_execution(&id, CancelMode::Terminate).await {
-                        tracing::info!(execution = %id, %error, "could not evict an execution for a newer one");
-                    }
+                    // In the background: an eviction forwarded to another
+                    // replica may take a while.
+                    let shared = Arc::clone(self);
+                    self.tasks.spawn(async move {
+                        if let Err(error) = shared.cancel_execution(&id, CancelMode::Terminate).await {
+                            tracing::info!(execution = %id, %error, "could not evict an execution for a newer one");
+                        }
+                    });
                 }
                 if exec.status == ExecutionStatus::Queued {
                     // A slot may have freed before the execution was stored.
@@ -405,7 +424,7 @@ impl Shared {
             .lock()
             .expect("runners lock")
             .get(id)
-            .cloned()?;
+            .map(|r| r.control.clone())?;
         let (reply, answer) = oneshot::channel();
         runner.send(Control { action, reply }).await.ok()?;
         answer.await.ok()
@@ -429,19 +448,23 @@ impl Shared {
             action.plan(now.status)?;
             return Ok(now);
         }
-        let deadline = tokio::time::Instant::now() + FORWARD_PATIENCE;
+        // The owner's tick also carries requests out: wait at least that long.
+        let patience = FORWARD_PATIENCE.max(self.store.lease() / 2);
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut pause = Duration::from_millis(20);
         loop {
-            tokio::time::sleep(Duration::from_millis(25)).await;
-            let now = self.store.get_execution(&exec.id).await?;
-            if now.status == target || now.status.is_terminal() {
-                return Ok(now);
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(250));
+            let (status, _) = self.store.execution_head(&exec.id).await?;
+            if status == target || status.is_terminal() {
+                return Ok(self.store.get_execution(&exec.id).await?);
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(Error::Unavailable(format!(
                     "the replica running execution {} did not carry out the request in {}s; \
                      it stays asked and is carried out when the execution is taken over",
                     exec.id,
-                    FORWARD_PATIENCE.as_secs()
+                    patience.as_secs()
                 )));
             }
         }
@@ -449,8 +472,16 @@ impl Shared {
 
     /// Carries out the requests other replicas left for executions this
     /// replica runs (all of them, or those of `id`).
-    async fn apply_requests(&self, id: Option<&str>) {
-        let requests = match self.store.take_requests(id).await {
+    async fn apply_requests(self: &Arc<Self>, id: Option<&str>) {
+        let ids = match id {
+            Some(id) if self.runners.lock().expect("runners lock").contains_key(id) => {
+                vec![id.to_string()]
+            }
+            // Not run here (yet): the owner's tick takes it.
+            Some(_) => return,
+            None => self.runner_ids(),
+        };
+        let requests = match self.store.take_requests(&ids).await {
             Ok(requests) => requests,
             Err(error) => {
                 tracing::warn!(%error, "reading forwarded requests failed");
@@ -462,17 +493,22 @@ impl Shared {
                 tracing::warn!(execution = %id, request = %text, "unknown forwarded request");
                 continue;
             };
-            match self.control_here(&id, action).await {
-                Some(Ok(_)) => {
-                    tracing::info!(execution = %id, request = %text, "carried out a forwarded request")
+            // Each on its own, so that a runner slow to answer holds up
+            // nothing else.
+            let shared = Arc::clone(self);
+            self.tasks.spawn(async move {
+                match tokio::time::timeout(FORWARD_PATIENCE, shared.control_here(&id, action)).await {
+                    Ok(Some(Ok(_))) => {
+                        tracing::info!(execution = %id, request = %text, "carried out a forwarded request")
+                    }
+                    Ok(Some(Err(error))) => {
+                        tracing::info!(execution = %id, request = %text, %error, "refused a forwarded request")
+                    }
+                    Ok(None) | Err(_) => {
+                        tracing::warn!(execution = %id, request = %text, "a forwarded request found no runner answering here")
+                    }
                 }
-                Some(Err(error)) => {
-                    tracing::info!(execution = %id, request = %text, %error, "refused a forwarded request")
-                }
-                None => {
-                    tracing::warn!(execution = %id, request = %text, "a forwarded request found no runner here")
-                }
-            }
+            });
         }
     }
 
@@ -581,23 +617,39 @@ impl Shared {
         }
     }
 
-    /// Claims the executions no live replica holds (with `mine`, also this
-    /// replica's own from before a restart) and starts their runners.
-    /// Returns how many it started.
-    async fn take_over(self: &Arc<Self>, mine: bool) -> Result<usize, Error> {
-        let ids = self.store.claim_orphans(mine, i64::MAX as u64).await?;
+    /// Claims the executions no live replica holds, a batch at a time,
+    /// and starts their runners. Returns how many it started.
+    async fn take_over(self: &Arc<Self>) -> Result<usize, Error> {
         let mut started = 0;
-        for id in ids {
-            if self.runners.lock().expect("runners lock").contains_key(&id) {
-                continue;
+        loop {
+            let ids = self.store.claim_orphans(CLAIM_BATCH).await?;
+            let full = ids.len() as u64 == CLAIM_BATCH;
+            for id in ids {
+                if self.runners.lock().expect("runners lock").contains_key(&id) {
+                    // A runner of an earlier lease of ours: its state is
+                    // stale. It stops; the claim lapses (only runners'
+                    // leases are renewed) and a fresh runner takes over.
+                    self.stop_runner(&id);
+                    continue;
+                }
+                match self.store.get_execution(&id).await {
+                    Ok(exec) if exec.status.holds_slot() => {
+                        if self.register_and_spawn(exec).is_ok() {
+                            tracing::info!(execution = %id, "resuming an execution no replica holds");
+                            started += 1;
+                        }
+                    }
+                    Ok(_) => {}
+                    // Not started: its claim lapses and it is claimed again.
+                    Err(error) => {
+                        tracing::warn!(execution = %id, %error, "cannot resume an execution")
+                    }
+                }
             }
-            let exec = self.store.get_execution(&id).await?;
-            if exec.status.holds_slot() && self.register_and_spawn(exec).is_ok() {
-                tracing::info!(execution = %id, "resuming an execution no replica holds");
-                started += 1;
+            if !full {
+                return Ok(started);
             }
         }
-        Ok(started)
     }
 
     /// Promotes the queued executions of every pipeline that has some.
@@ -615,16 +667,15 @@ impl Shared {
     /// replica that died).
     async fn keep_leases(self: Arc<Self>) {
         let period = self.store.lease() / 3;
+        let renewer = Arc::clone(&self);
+        self.tasks
+            .spawn(async move { renewer.renew_leases(period).await });
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(period) => {}
                 _ = self.shutdown.cancelled() => return,
             }
-            if let Err(error) = self.store.renew_leases().await {
-                tracing::warn!(%error, "renewing execution leases failed");
-                continue;
-            }
-            if let Err(error) = self.take_over(false).await {
+            if let Err(error) = self.take_over().await {
                 tracing::warn!(%error, "taking over executions failed");
             }
             if self.store.is_shared() {
@@ -636,6 +687,30 @@ impl Shared {
         }
     }
 
+    /// Until shutdown, every `period`: renews the leases of the executions
+    /// this replica runs, and stops the runners whose lease is gone (another
+    /// replica took them over while this one could not renew). Its own task,
+    /// so that nothing else can hold renewal up.
+    async fn renew_leases(self: Arc<Self>, period: Duration) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(period) => {}
+                _ = self.shutdown.cancelled() => return,
+            }
+            let ids = self.runner_ids();
+            match self.store.renew_leases(&ids).await {
+                Ok(held) => {
+                    let held: HashSet<&String> = held.iter().collect();
+                    for id in ids.iter().filter(|id| !held.contains(id)) {
+                        // A runner that finished meanwhile is gone already.
+                        self.stop_runner(id);
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "renewing execution leases failed"),
+            }
+        }
+    }
+
     /// Until shutdown, hands the events other replicas commit to the
     /// watchers here (PostgreSQL `LISTEN`; the events are read from the
     /// table). After a lost connection the listener reconnects; watchers
@@ -643,14 +718,24 @@ impl Shared {
     async fn relay_events(self: Arc<Self>, mut listener: sea_orm::sqlx::postgres::PgListener) {
         loop {
             let received = tokio::select! {
-                received = listener.recv() => received,
+                received = listener.try_recv() => received,
                 _ = self.shutdown.cancelled() => return,
             };
             match received {
-                Ok(notification) if notification.channel() == crate::storage::REQUESTS_CHANNEL => {
+                // The connection was lost (it reconnects at the next call):
+                // whatever was announced meanwhile is gone.
+                Ok(None) => {
+                    tracing::warn!(
+                        "lost the connection that listens for other replicas' events; reconnecting"
+                    );
+                    self.hub.report_missed();
+                }
+                Ok(Some(notification))
+                    if notification.channel() == crate::storage::REQUESTS_CHANNEL =>
+                {
                     self.apply_requests(Some(notification.payload())).await;
                 }
-                Ok(notification) => self.relay(notification.payload()).await,
+                Ok(Some(notification)) => self.relay(notification.payload()).await,
                 Err(error) => {
                     tracing::warn!(%error, "listening for other replicas' events failed; retrying");
                     tokio::select! {
@@ -737,7 +822,7 @@ impl Shared {
     }
 
     /// Claims the runner slot of an execution; fails if it has a runner.
-    fn register(&self, id: &str) -> Result<mpsc::Receiver<Control>, Error> {
+    fn register(&self, id: &str) -> Result<Inbox, Error> {
         let mut runners = self.runners.lock().expect("runners lock");
         if runners.contains_key(id) {
             return Err(Error::FailedPrecondition(format!(
@@ -745,8 +830,33 @@ impl Shared {
             )));
         }
         let (sender, control) = mpsc::channel(16);
-        runners.insert(id.to_string(), sender);
-        Ok(control)
+        let stop = self.shutdown.child_token();
+        runners.insert(
+            id.to_string(),
+            RunnerHandle {
+                control: sender,
+                stop: stop.clone(),
+            },
+        );
+        Ok(Inbox { control, stop })
+    }
+
+    /// Ids of the executions this replica has runners for.
+    fn runner_ids(&self) -> Vec<String> {
+        self.runners
+            .lock()
+            .expect("runners lock")
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Makes the runner of `id`, if any, stop at once: its lease is gone.
+    fn stop_runner(&self, id: &str) {
+        if let Some(runner) = self.runners.lock().expect("runners lock").get(id) {
+            tracing::warn!(execution = %id, "stopping a runner whose lease is gone");
+            runner.stop.cancel();
+        }
     }
 
     fn register_and_spawn(self: &Arc<Self>, exec: Execution) -> Result<(), Error> {
@@ -755,9 +865,9 @@ impl Shared {
         Ok(())
     }
 
-    fn spawn(self: &Arc<Self>, exec: Execution, control: mpsc::Receiver<Control>) {
+    fn spawn(self: &Arc<Self>, exec: Execution, inbox: Inbox) {
         let span = tracing::info_span!("execution", id = %exec.id, pipeline = %exec.pipeline_name);
-        let runner = Runner::new(Arc::clone(self), exec, control);
+        let runner = Runner::new(Arc::clone(self), exec, inbox);
         self.tasks.spawn(runner.run().instrument(span));
     }
 }

@@ -86,6 +86,14 @@ impl Action {
     }
 }
 
+/// What a runner receives from the engine.
+pub struct Inbox {
+    pub control: mpsc::Receiver<Control>,
+    /// Cancelled on shutdown, or when the runner must stop because its
+    /// lease is gone.
+    pub stop: CancellationToken,
+}
+
 /// A request sent to a runner, answered with the execution after it.
 pub struct Control {
     pub action: Action,
@@ -112,6 +120,8 @@ pub struct Runner {
     graph: Graph,
     max_parallel: usize,
     control: mpsc::Receiver<Control>,
+    /// Shutdown, or a lost lease: stop without recording anything more.
+    stop: CancellationToken,
     finished_tx: mpsc::UnboundedSender<Finished>,
     finished_rx: mpsc::UnboundedReceiver<Finished>,
     reports_tx: mpsc::Sender<Report>,
@@ -131,7 +141,8 @@ pub struct Runner {
 }
 
 impl Runner {
-    pub fn new(shared: Arc<Shared>, exec: Execution, control: mpsc::Receiver<Control>) -> Self {
+    pub fn new(shared: Arc<Shared>, exec: Execution, inbox: Inbox) -> Self {
+        let Inbox { control, stop } = inbox;
         let graph = Graph::new(&exec.definition);
         let max_parallel = match exec.definition.max_parallel_steps {
             0 => shared.config.max_parallel_steps,
@@ -146,6 +157,7 @@ impl Runner {
             graph,
             max_parallel,
             control,
+            stop,
             finished_tx,
             finished_rx,
             reports_tx,
@@ -209,7 +221,7 @@ impl Runner {
 
     async fn drive(&mut self) {
         loop {
-            if self.shared.shutdown.is_cancelled() {
+            if self.stop.is_cancelled() {
                 return self.abandon().await;
             }
             // Past the deadline (say, after a restart), nothing new starts.
@@ -252,7 +264,7 @@ impl Runner {
                 }
                 _ = sleep_until(retry_at), if retry_at.is_some() => {}
                 _ = sleep_until(deadline), if deadline.is_some() => self.on_deadline(),
-                _ = self.shared.shutdown.cancelled() => return self.abandon().await,
+                _ = self.stop.cancelled() => return self.abandon().await,
             }
         }
     }
@@ -605,8 +617,10 @@ impl Runner {
                 committed
             }
             Err(error) => {
+                // Not committed (shutdown or a lost lease): this runner stops.
+                let keep_going = !matches!(error, Error::ShuttingDown);
                 let _ = reply.send(Err(error));
-                true
+                keep_going
             }
         }
     }
@@ -839,7 +853,7 @@ impl Runner {
                     tracing::warn!(execution = %self.exec.id, %error, "saving execution state failed; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
-                        _ = self.shared.shutdown.cancelled() => return false,
+                        _ = self.stop.cancelled() => return false,
                     }
                     delay = (delay * 2).min(Duration::from_secs(1));
                 }

@@ -79,6 +79,7 @@ pub(super) async fn watch(shared: Arc<Shared>, id: &str, after: i64) -> Result<W
         let mut sent = after;
         let mut finished_at_start = status.is_terminal();
         let mut idle = heartbeat(&shared);
+        let mut missed = shared.hub.missed();
         loop {
             // Catch up from the database.
             let mut last_was_terminal = false;
@@ -143,6 +144,8 @@ pub(super) async fn watch(shared: Arc<Shared>, id: &str, after: i64) -> Result<W
                             break;
                         }
                     }
+                    // Notifications from other replicas were lost: re-read.
+                    Ok(()) = missed.changed() => break,
                     _ = tx.closed() => return,
                     _ = shared.shutdown.cancelled() => {
                         let _ = tx.send(Err(Error::ShuttingDown)).await;
@@ -160,11 +163,24 @@ pub(super) async fn watch(shared: Arc<Shared>, id: &str, after: i64) -> Result<W
 /// reconcile with `ListExecutions` before watching again.
 pub(super) fn watch_all(shared: Arc<Shared>, filter: AllEventsFilter) -> WatchStream {
     let mut events = shared.hub.subscribe_all();
+    let mut missed = shared.hub.missed();
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
     tokio::spawn(async move {
         let mut idle = heartbeat(&shared);
         loop {
             tokio::select! {
+                // Other replicas' events may have been lost: say so.
+                Ok(()) = missed.changed() => {
+                    let _ = tx
+                        .send(Err(Error::Lagged(
+                            "events of other replicas may have been missed while the database \
+                             connection was re-established; list executions to catch up, then \
+                             watch again"
+                                .to_string(),
+                        )))
+                        .await;
+                    return;
+                }
                 received = events.recv() => match received {
                     Ok(event) => {
                         if filter.matches(&event) {

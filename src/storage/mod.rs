@@ -198,8 +198,12 @@ impl Store {
         if !self.is_shared() {
             return Ok(None);
         }
-        let pool = self.writer.get_postgres_connection_pool();
-        let mut listener = sea_orm::sqlx::postgres::PgListener::connect_with(pool)
+        // A connection of its own, not one of the pool's.
+        let options = self.writer.get_postgres_connection_pool().connect_options();
+        let pool = sea_orm::sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect_lazy_with((*options).clone());
+        let mut listener = sea_orm::sqlx::postgres::PgListener::connect_with(&pool)
             .await
             .map_err(|e| {
                 StoreError::Database(DbErr::Conn(sea_orm::RuntimeErr::SqlxError(e.into())))
@@ -223,19 +227,16 @@ impl Store {
     }
 
     /// Claims up to `limit` active executions that no replica holds: never
-    /// leased, or leased until a time that has passed, or (with `mine`)
-    /// leased to this replica by an earlier run of it. Returns their ids.
+    /// leased, released, or leased until a time that has passed. Returns
+    /// their ids.
     /// On PostgreSQL, rows other replicas are claiming are skipped
     /// (`FOR UPDATE SKIP LOCKED`), so concurrent claims never collide.
-    pub async fn claim_orphans(&self, mine: bool, limit: u64) -> Result<Vec<String>> {
+    pub async fn claim_orphans(&self, limit: u64) -> Result<Vec<String>> {
         let now = model::now();
         let txn = self.writer.begin().await?;
-        let mut free = sea_orm::Condition::any()
+        let free = sea_orm::Condition::any()
             .add(execution::Column::Owner.is_null())
             .add(execution::Column::LeaseExpiresAt.lt(now));
-        if mine {
-            free = free.add(execution::Column::Owner.eq(self.replica.as_ref()));
-        }
         let mut query = execution::Entity::find()
             .select_only()
             .column(execution::Column::Id)
@@ -266,11 +267,30 @@ impl Store {
     /// (replacing an earlier request not carried out yet) and tells it.
     /// Returns false if the execution is not active.
     pub async fn request_action(&self, id: &str, action: &str) -> Result<bool> {
+        // A pending cancel is not replaced by a pause or resume, nor a
+        // pending terminate by a graceful cancel.
+        let weaker: &[&str] = match action {
+            "terminate" => &["pause", "resume", "cancel", "terminate"],
+            "cancel" => &["pause", "resume", "cancel"],
+            _ => &["pause", "resume"],
+        };
         let txn = self.writer.begin().await?;
+        let active = execution::Entity::find_by_id(id.to_string())
+            .filter(execution::Column::Status.is_in(SLOT_STATUSES.map(ExecutionStatus::as_str)))
+            .count(&txn)
+            .await?
+            == 1;
+        if !active {
+            return Ok(false);
+        }
         let updated = execution::Entity::update_many()
             .col_expr(execution::Column::RequestedAction, action.into())
             .filter(execution::Column::Id.eq(id))
-            .filter(execution::Column::Status.is_in(SLOT_STATUSES.map(ExecutionStatus::as_str)))
+            .filter(
+                sea_orm::Condition::any()
+                    .add(execution::Column::RequestedAction.is_null())
+                    .add(execution::Column::RequestedAction.is_in(weaker.iter().copied())),
+            )
             .exec(&txn)
             .await?
             .rows_affected;
@@ -283,47 +303,91 @@ impl Store {
             .await?;
         }
         txn.commit().await?;
-        Ok(updated == 1)
+        Ok(true)
     }
 
-    /// Takes (reads and clears) the requests left for executions this
-    /// replica holds: all of them, or those of `id`.
-    pub async fn take_requests(&self, id: Option<&str>) -> Result<Vec<(String, String)>> {
-        let txn = self.writer.begin().await?;
-        let mut query = execution::Entity::find()
-            .select_only()
-            .column(execution::Column::Id)
-            .column(execution::Column::RequestedAction)
-            .filter(execution::Column::Owner.eq(self.replica.as_ref()))
-            .filter(execution::Column::RequestedAction.is_not_null());
-        if let Some(id) = id {
-            query = query.filter(execution::Column::Id.eq(id));
+    /// Takes (reads and clears) the requests left for `ids`, executions
+    /// this replica holds and has runners for.
+    pub async fn take_requests(&self, ids: &[String]) -> Result<Vec<(String, String)>> {
+        let mut requests = Vec::new();
+        for chunk in ids.chunks(500) {
+            let txn = self.writer.begin().await?;
+            let mut query = execution::Entity::find()
+                .select_only()
+                .column(execution::Column::Id)
+                .column(execution::Column::RequestedAction)
+                .filter(execution::Column::Owner.eq(self.replica.as_ref()))
+                .filter(execution::Column::RequestedAction.is_not_null())
+                .filter(execution::Column::Id.is_in(chunk.iter().cloned()));
+            // Locked, so that a request written meanwhile waits for the
+            // clear below instead of being erased by it.
+            if txn.get_database_backend() == sea_orm::DbBackend::Postgres {
+                query = query.lock(sea_orm::sea_query::LockType::Update);
+            }
+            let taken: Vec<(String, String)> = query.into_tuple().all(&txn).await?;
+            if !taken.is_empty() {
+                execution::Entity::update_many()
+                    .col_expr(
+                        execution::Column::RequestedAction,
+                        sea_orm::sea_query::Expr::value(Option::<String>::None),
+                    )
+                    .filter(execution::Column::Id.is_in(taken.iter().map(|(id, _)| id.clone())))
+                    .exec(&txn)
+                    .await?;
+            }
+            txn.commit().await?;
+            requests.extend(taken);
         }
-        let requests: Vec<(String, String)> = query.into_tuple().all(&txn).await?;
-        if !requests.is_empty() {
-            execution::Entity::update_many()
-                .col_expr(
-                    execution::Column::RequestedAction,
-                    sea_orm::sea_query::Expr::value(Option::<String>::None),
-                )
-                .filter(execution::Column::Id.is_in(requests.iter().map(|(id, _)| id.clone())))
-                .exec(&txn)
-                .await?;
-        }
-        txn.commit().await?;
         Ok(requests)
     }
 
-    /// Extends the leases of the active executions this replica holds.
-    /// Returns how many it holds.
-    pub async fn renew_leases(&self) -> Result<u64> {
-        Ok(execution::Entity::update_many()
-            .col_expr(execution::Column::LeaseExpiresAt, self.lease_until().into())
-            .filter(execution::Column::Owner.eq(self.replica.as_ref()))
-            .filter(execution::Column::Status.is_in(SLOT_STATUSES.map(ExecutionStatus::as_str)))
-            .exec(&self.writer)
-            .await?
-            .rows_affected)
+    /// Extends this replica's leases on `ids` (the executions it has
+    /// runners for) and returns the ids it still held: a runner whose id is
+    /// missing lost its lease and must stop.
+    pub async fn renew_leases(&self, ids: &[String]) -> Result<Vec<String>> {
+        let mut held = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(500) {
+            let txn = self.writer.begin().await?;
+            let mut query = execution::Entity::find()
+                .select_only()
+                .column(execution::Column::Id)
+                .filter(execution::Column::Owner.eq(self.replica.as_ref()))
+                .filter(execution::Column::Id.is_in(chunk.iter().cloned()))
+                .filter(
+                    execution::Column::Status.is_in(SLOT_STATUSES.map(ExecutionStatus::as_str)),
+                );
+            if txn.get_database_backend() == sea_orm::DbBackend::Postgres {
+                query = query.lock(sea_orm::sea_query::LockType::Update);
+            }
+            let mine: Vec<String> = query.into_tuple().all(&txn).await?;
+            if !mine.is_empty() {
+                execution::Entity::update_many()
+                    .col_expr(execution::Column::LeaseExpiresAt, self.lease_until().into())
+                    .filter(execution::Column::Id.is_in(mine.iter().cloned()))
+                    .exec(&txn)
+                    .await?;
+            }
+            txn.commit().await?;
+            held.extend(mine);
+        }
+        Ok(held)
+    }
+
+    /// Gives up the leases of active executions: this replica's own (at
+    /// start, when it has no runner yet), or with `all` every one (SQLite,
+    /// where this is the only server). They can then be claimed at once.
+    pub async fn release_leases(&self, all: bool) -> Result<()> {
+        let mut update = execution::Entity::update_many()
+            .col_expr(
+                execution::Column::Owner,
+                sea_orm::sea_query::Expr::value(Option::<String>::None),
+            )
+            .filter(execution::Column::Status.is_in(SLOT_STATUSES.map(ExecutionStatus::as_str)));
+        if !all {
+            update = update.filter(execution::Column::Owner.eq(self.replica.as_ref()));
+        }
+        update.exec(&self.writer).await?;
+        Ok(())
     }
 
     // ----- pipelines -----
@@ -650,6 +714,10 @@ impl Store {
                 )
                 .col_expr(execution::Column::Owner, self.replica.as_ref().into())
                 .col_expr(execution::Column::LeaseExpiresAt, self.lease_until().into())
+                .col_expr(
+                    execution::Column::RequestedAction,
+                    sea_orm::sea_query::Expr::value(Option::<String>::None),
+                )
                 .filter(execution::Column::Id.eq(&row.id))
                 .filter(execution::Column::Status.eq(ExecutionStatus::Queued.as_str()))
                 .exec(&txn)
@@ -696,11 +764,19 @@ impl Store {
         let mut update = execution::Entity::update_many()
             .set(execution_row(exec))
             .filter(execution::Column::Id.eq(&exec.id));
+        // The events continue the stored log: a writer with a stale copy
+        // of the execution cannot add to it.
+        let previous = exec.last_sequence - events.len() as i64;
+        update = update.filter(execution::Column::LastSequence.eq(previous));
         update = match expect {
             Some(expected) => update
                 .filter(execution::Column::Status.eq(expected.as_str()))
                 .col_expr(execution::Column::Owner, self.replica.as_ref().into())
-                .col_expr(execution::Column::LeaseExpiresAt, self.lease_until().into()),
+                .col_expr(execution::Column::LeaseExpiresAt, self.lease_until().into())
+                .col_expr(
+                    execution::Column::RequestedAction,
+                    sea_orm::sea_query::Expr::value(Option::<String>::None),
+                ),
             None => update.filter(execution::Column::Owner.eq(self.replica.as_ref())),
         };
         if update.exec(&txn).await?.rows_affected != 1 {
