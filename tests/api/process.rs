@@ -130,6 +130,12 @@ impl ServerProcess {
         self.child.kill().await.expect("SIGKILL the server");
     }
 
+    /// Sends `signal` (SIGSTOP, SIGCONT...) to the server.
+    pub fn signal(&self, signal: Signal) {
+        let pid = self.child.id().expect("the server is still running");
+        kill(Pid::from_raw(pid as i32), signal).expect("signal the server");
+    }
+
     /// Sends SIGTERM and waits for the graceful shutdown to end.
     pub async fn terminate(mut self) -> ExitStatus {
         let pid = self.child.id().expect("the server is still running");

@@ -383,3 +383,79 @@ async fn cancel_pause_and_resume_work_through_a_replica_that_does_not_run_the_ex
         .unwrap_err();
     assert_eq!(refused.code(), tonic::Code::FailedPrecondition);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_frozen_replica_that_lost_its_lease_cannot_write_when_it_wakes_up() {
+    use nix::sys::signal::Signal;
+    let dir = TempDir::new().unwrap();
+    let Some(servers) = replicas(dir.path(), 2).await else {
+        eprintln!("needs PostgreSQL: skipped on SQLite, which serves one server only");
+        return;
+    };
+    let gate = dir.path().join("gate");
+    let (a, b) = (&servers[0], &servers[1]);
+    a.client()
+        .create_pipeline(pb::CreatePipelineRequest {
+            pipeline: Some(pipeline(&format!(
+                "name: frozen\nsteps:\n\
+                 - {{name: held, command: {{program: sh, args: [-c, '{}']}}}}\n\
+                 - {{name: after, needs: [held], set: {{values: {{after: true}}}}}}\n",
+                gate_script(&gate)
+            ))),
+        })
+        .await
+        .unwrap();
+    let id = a
+        .client()
+        .run_pipeline(pb::RunPipelineRequest {
+            pipeline_name: "frozen".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .execution
+        .unwrap()
+        .id;
+    let get = |id: String| {
+        let mut client = b.client();
+        async move {
+            client
+                .get_execution(pb::GetExecutionRequest { execution_id: id })
+                .await
+                .unwrap()
+                .into_inner()
+                .execution
+                .unwrap()
+        }
+    };
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while step_status(step(&get(id.clone()).await, "held")) != pb::StepStatus::Running {
+        assert!(tokio::time::Instant::now() < deadline, "held never ran");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A stops renewing; B takes the execution over and starts attempt 2.
+    a.signal(Signal::SIGSTOP);
+    while step(&get(id.clone()).await, "held").attempt < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "B never took over");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::fs::write(&gate, "").unwrap();
+    let events = watch_to_end(&b.client(), &id, 0).await;
+    // A wakes up: its attempt 1 ends too, but nothing it writes may land.
+    a.signal(Signal::SIGCONT);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let done = get(id.clone()).await;
+    assert_gapless(&events, 1);
+    assert_eq!(
+        event_type(events.last().unwrap()),
+        pb::EventType::ExecutionSucceeded
+    );
+    assert_eq!(
+        done.last_sequence,
+        events.last().unwrap().sequence,
+        "the woken replica added nothing to the log"
+    );
+    assert_eq!(status(&done), pb::ExecutionStatus::Succeeded);
+    assert_eq!(step(&done, "held").attempt, 2);
+}
