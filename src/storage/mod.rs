@@ -226,17 +226,41 @@ impl Store {
         model::now() + self.lease
     }
 
+    /// The database's time on PostgreSQL, so that replicas whose clocks
+    /// differ agree on when a lease ends; this server's time on SQLite.
+    fn now_expr(&self) -> sea_orm::sea_query::SimpleExpr {
+        if self.is_shared() {
+            sea_orm::sea_query::Expr::cust("now()")
+        } else {
+            sea_orm::sea_query::Expr::value(model::now())
+        }
+    }
+
+    /// When a lease taken now ends, by [`Self::now_expr`]'s clock.
+    fn lease_until_expr(&self) -> sea_orm::sea_query::SimpleExpr {
+        if self.is_shared() {
+            sea_orm::sea_query::Expr::cust(format!(
+                "now() + interval '{} milliseconds'",
+                self.lease.as_millis()
+            ))
+        } else {
+            sea_orm::sea_query::Expr::value(self.lease_until())
+        }
+    }
+
     /// Claims up to `limit` active executions that no replica holds: never
     /// leased, released, or leased until a time that has passed. Returns
     /// their ids.
     /// On PostgreSQL, rows other replicas are claiming are skipped
     /// (`FOR UPDATE SKIP LOCKED`), so concurrent claims never collide.
     pub async fn claim_orphans(&self, limit: u64) -> Result<Vec<String>> {
-        let now = model::now();
         let txn = self.writer.begin().await?;
         let free = sea_orm::Condition::any()
             .add(execution::Column::Owner.is_null())
-            .add(execution::Column::LeaseExpiresAt.lt(now));
+            .add(sea_orm::sea_query::ExprTrait::lt(
+                sea_orm::sea_query::Expr::col(execution::Column::LeaseExpiresAt),
+                self.now_expr(),
+            ));
         let mut query = execution::Entity::find()
             .select_only()
             .column(execution::Column::Id)
@@ -254,7 +278,7 @@ impl Store {
         if !ids.is_empty() {
             execution::Entity::update_many()
                 .col_expr(execution::Column::Owner, self.replica.as_ref().into())
-                .col_expr(execution::Column::LeaseExpiresAt, self.lease_until().into())
+                .col_expr(execution::Column::LeaseExpiresAt, self.lease_until_expr())
                 .filter(execution::Column::Id.is_in(ids.iter().cloned()))
                 .exec(&txn)
                 .await?;
@@ -362,7 +386,7 @@ impl Store {
             let mine: Vec<String> = query.into_tuple().all(&txn).await?;
             if !mine.is_empty() {
                 execution::Entity::update_many()
-                    .col_expr(execution::Column::LeaseExpiresAt, self.lease_until().into())
+                    .col_expr(execution::Column::LeaseExpiresAt, self.lease_until_expr())
                     .filter(execution::Column::Id.is_in(mine.iter().cloned()))
                     .exec(&txn)
                     .await?;
@@ -713,7 +737,7 @@ impl Store {
                     ExecutionStatus::Pending.as_str().into(),
                 )
                 .col_expr(execution::Column::Owner, self.replica.as_ref().into())
-                .col_expr(execution::Column::LeaseExpiresAt, self.lease_until().into())
+                .col_expr(execution::Column::LeaseExpiresAt, self.lease_until_expr())
                 .col_expr(
                     execution::Column::RequestedAction,
                     sea_orm::sea_query::Expr::value(Option::<String>::None),
@@ -772,7 +796,7 @@ impl Store {
             Some(expected) => update
                 .filter(execution::Column::Status.eq(expected.as_str()))
                 .col_expr(execution::Column::Owner, self.replica.as_ref().into())
-                .col_expr(execution::Column::LeaseExpiresAt, self.lease_until().into())
+                .col_expr(execution::Column::LeaseExpiresAt, self.lease_until_expr())
                 .col_expr(
                     execution::Column::RequestedAction,
                     sea_orm::sea_query::Expr::value(Option::<String>::None),
