@@ -13,7 +13,7 @@ use tempfile::TempDir;
 use tokio::sync::mpsc;
 
 use crate::helpers::*;
-use crate::process::ServerProcess;
+use crate::process::{ServerProcess, create, get, run, watch};
 
 const EXECUTIONS: usize = 8;
 const STEPS: [&str; 4] = ["a", "b", "c", "d"];
@@ -111,60 +111,6 @@ fn step_log(dir: &Path, id: &str) -> Vec<String> {
         .lines()
         .map(str::to_string)
         .collect()
-}
-
-async fn create(client: &Client, pipeline: pb::Pipeline) {
-    client
-        .clone()
-        .create_pipeline(pb::CreatePipelineRequest {
-            pipeline: Some(pipeline),
-        })
-        .await
-        .expect("create pipeline");
-}
-
-async fn run(client: &Client, name: &str, input: Value) -> pb::Execution {
-    client
-        .clone()
-        .run_pipeline(pb::RunPipelineRequest {
-            pipeline_name: name.to_string(),
-            input: Some(to_struct(input)),
-            ..Default::default()
-        })
-        .await
-        .expect("run pipeline")
-        .into_inner()
-        .execution
-        .unwrap()
-}
-
-async fn get(client: &Client, id: &str) -> pb::Execution {
-    client
-        .clone()
-        .get_execution(pb::GetExecutionRequest {
-            execution_id: id.to_string(),
-        })
-        .await
-        .expect("get execution")
-        .into_inner()
-        .execution
-        .unwrap()
-}
-
-async fn watch(
-    client: &Client,
-    id: &str,
-    after: i64,
-) -> tonic::Streaming<pb::WatchExecutionResponse> {
-    client
-        .clone()
-        .watch_execution(pb::WatchExecutionRequest {
-            execution_id: id.to_string(),
-            after_sequence: after,
-        })
-        .await
-        .expect("watch")
-        .into_inner()
 }
 
 /// Every event after `after` until the stream closes after the terminal one.

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+use pipelined::proto::v1 as pb;
 use pipelined::proto::v1::pipeline_service_client::PipelineServiceClient;
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
@@ -212,4 +213,74 @@ fn strip_ansi(text: &str) -> String {
         }
     }
     plain
+}
+
+// ----- client calls shared by the tests that run the binary -----
+
+pub async fn create(client: &Client, pipeline: pb::Pipeline) {
+    client
+        .clone()
+        .create_pipeline(pb::CreatePipelineRequest {
+            pipeline: Some(pipeline),
+        })
+        .await
+        .expect("create pipeline");
+}
+
+pub async fn run(client: &Client, name: &str, input: serde_json::Value) -> pb::Execution {
+    client
+        .clone()
+        .run_pipeline(pb::RunPipelineRequest {
+            pipeline_name: name.to_string(),
+            input: Some(crate::helpers::to_struct(input)),
+            ..Default::default()
+        })
+        .await
+        .expect("run pipeline")
+        .into_inner()
+        .execution
+        .unwrap()
+}
+
+pub async fn get(client: &Client, id: &str) -> pb::Execution {
+    client
+        .clone()
+        .get_execution(pb::GetExecutionRequest {
+            execution_id: id.to_string(),
+        })
+        .await
+        .expect("get execution")
+        .into_inner()
+        .execution
+        .unwrap()
+}
+
+pub async fn watch(
+    client: &Client,
+    id: &str,
+    after: i64,
+) -> tonic::Streaming<pb::WatchExecutionResponse> {
+    client
+        .clone()
+        .watch_execution(pb::WatchExecutionRequest {
+            execution_id: id.to_string(),
+            after_sequence: after,
+        })
+        .await
+        .expect("watch")
+        .into_inner()
+}
+
+/// The events after `after` until the stream closes (heartbeats skipped).
+pub async fn watch_to_end(client: &Client, id: &str, after: i64) -> Vec<pb::ExecutionEvent> {
+    let mut stream = watch(client, id, after).await;
+    let mut events = Vec::new();
+    tokio::time::timeout(PATIENCE, async {
+        while let Some(message) = stream.message().await.expect("watch stream") {
+            events.extend(message.event);
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("execution {id} ends in time"));
+    events
 }

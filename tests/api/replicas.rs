@@ -12,7 +12,7 @@ use tempfile::TempDir;
 use tokio_stream::StreamExt;
 
 use crate::helpers::*;
-use crate::process::ServerProcess;
+use crate::process::{ServerProcess, create, get, run, watch_to_end};
 
 /// The lease the replicas run with: how soon a dead one's work moves.
 const LEASE: &str = "1s";
@@ -38,29 +38,6 @@ fn gate_script(gate: &Path) -> String {
     )
 }
 
-async fn watch_to_end(client: &Client, id: &str, after: i64) -> Vec<pb::ExecutionEvent> {
-    let mut stream = client
-        .clone()
-        .watch_execution(pb::WatchExecutionRequest {
-            execution_id: id.to_string(),
-            after_sequence: after,
-        })
-        .await
-        .expect("watch")
-        .into_inner();
-    let mut events = Vec::new();
-    tokio::time::timeout(PATIENCE, async {
-        while let Some(message) = stream.next().await {
-            if let Some(event) = message.expect("watch stream").event {
-                events.push(event);
-            }
-        }
-    })
-    .await
-    .expect("the execution ends in time");
-    events
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_replicas_executions_finish_on_the_others_and_watchers_elsewhere_miss_nothing() {
     let dir = TempDir::new().unwrap();
@@ -78,12 +55,7 @@ async fn a_killed_replicas_executions_finish_on_the_others_and_watchers_elsewher
          - {{name: last, needs: [held], set: {{values: {{last: true}}}}}}\n",
         gate_script(&gate)
     );
-    a.client()
-        .create_pipeline(pb::CreatePipelineRequest {
-            pipeline: Some(pipeline(&yaml)),
-        })
-        .await
-        .unwrap();
+    create(&a.client(), pipeline(&yaml)).await;
     // Completions of the pipeline, watched through C, whichever replica
     // ends up running each execution.
     let mut completions = c
@@ -99,18 +71,7 @@ async fn a_killed_replicas_executions_finish_on_the_others_and_watchers_elsewher
     // Started through A, watched through B.
     let mut ids = Vec::new();
     for n in 0..6 {
-        let execution = a
-            .client()
-            .run_pipeline(pb::RunPipelineRequest {
-                pipeline_name: "moving".into(),
-                input: Some(to_struct(json!({"n": n}))),
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .execution
-            .unwrap();
+        let execution = run(&a.client(), "moving", json!({"n": n})).await;
         ids.push(execution.id);
     }
     let mut watchers = Vec::new();
@@ -125,16 +86,7 @@ async fn a_killed_replicas_executions_finish_on_the_others_and_watchers_elsewher
     let deadline = tokio::time::Instant::now() + PATIENCE;
     for id in &ids {
         loop {
-            let execution = c
-                .client()
-                .get_execution(pb::GetExecutionRequest {
-                    execution_id: id.clone(),
-                })
-                .await
-                .unwrap()
-                .into_inner()
-                .execution
-                .unwrap();
+            let execution = get(&c.client(), id).await;
             if step_status(step(&execution, "held")) == pb::StepStatus::Running {
                 break;
             }
@@ -153,16 +105,7 @@ async fn a_killed_replicas_executions_finish_on_the_others_and_watchers_elsewher
         assert_gapless(&events, 1);
         let last = events.last().unwrap();
         assert_eq!(event_type(last), pb::EventType::ExecutionSucceeded, "{id}");
-        let done = c
-            .client()
-            .get_execution(pb::GetExecutionRequest {
-                execution_id: id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .execution
-            .unwrap();
+        let done = get(&c.client(), id).await;
         assert_eq!(done.last_sequence, last.sequence);
         assert_eq!(
             step(&done, "first").attempt,
@@ -205,17 +148,15 @@ async fn caps_and_request_ids_hold_across_replicas() {
         return;
     };
     let gate = dir.path().join("gate");
-    servers[0]
-        .client()
-        .create_pipeline(pb::CreatePipelineRequest {
-            pipeline: Some(pipeline(&format!(
-                "name: one-at-a-time\nconcurrency: {{max_active: 1, mode: reject}}\nsteps:\n\
+    create(
+        &servers[0].client(),
+        pipeline(&format!(
+            "name: one-at-a-time\nconcurrency: {{max_active: 1, mode: reject}}\nsteps:\n\
                  - {{name: hold, command: {{program: sh, args: [-c, '{}']}}}}\n",
-                gate_script(&gate)
-            ))),
-        })
-        .await
-        .unwrap();
+            gate_script(&gate)
+        )),
+    )
+    .await;
     // 30 racing runs, 10 through each replica: exactly one is admitted.
     let mut calls = Vec::new();
     for i in 0..30 {
@@ -241,13 +182,11 @@ async fn caps_and_request_ids_hold_across_replicas() {
     assert_eq!(admitted.len(), 1, "exactly one run passes a cap of 1");
 
     // 30 racing runs with one request id, 10 through each replica: one execution.
-    servers[0]
-        .client()
-        .create_pipeline(pb::CreatePipelineRequest {
-            pipeline: Some(pipeline("name: once\nsteps:\n- {name: a, noop: {}}\n")),
-        })
-        .await
-        .unwrap();
+    create(
+        &servers[0].client(),
+        pipeline("name: once\nsteps:\n- {name: a, noop: {}}\n"),
+    )
+    .await;
     let mut calls = Vec::new();
     for i in 0..30 {
         let client = servers[i % 3].client();
@@ -291,29 +230,17 @@ async fn cancel_pause_and_resume_work_through_a_replica_that_does_not_run_the_ex
     };
     let gate = dir.path().join("gate");
     let (a, b) = (&servers[0], &servers[1]);
-    a.client()
-        .create_pipeline(pb::CreatePipelineRequest {
-            pipeline: Some(pipeline(&format!(
-                "name: remote\nsteps:\n\
+    create(
+        &a.client(),
+        pipeline(&format!(
+            "name: remote\nsteps:\n\
                  - {{name: held, command: {{program: sh, args: [-c, '{}']}}}}\n\
                  - {{name: after, needs: [held], noop: {{}}}}\n",
-                gate_script(&gate)
-            ))),
-        })
-        .await
-        .unwrap();
-    let id = a
-        .client()
-        .run_pipeline(pb::RunPipelineRequest {
-            pipeline_name: "remote".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .execution
-        .unwrap()
-        .id;
+            gate_script(&gate)
+        )),
+    )
+    .await;
+    let id = run(&a.client(), "remote", json!({})).await.id;
     let mut remote = b.client();
     let paused = remote
         .pause_execution(pb::PauseExecutionRequest {
@@ -394,49 +321,25 @@ async fn a_frozen_replica_that_lost_its_lease_cannot_write_when_it_wakes_up() {
     };
     let gate = dir.path().join("gate");
     let (a, b) = (&servers[0], &servers[1]);
-    a.client()
-        .create_pipeline(pb::CreatePipelineRequest {
-            pipeline: Some(pipeline(&format!(
-                "name: frozen\nsteps:\n\
+    create(
+        &a.client(),
+        pipeline(&format!(
+            "name: frozen\nsteps:\n\
                  - {{name: held, command: {{program: sh, args: [-c, '{}']}}}}\n\
                  - {{name: after, needs: [held], set: {{values: {{after: true}}}}}}\n",
-                gate_script(&gate)
-            ))),
-        })
-        .await
-        .unwrap();
-    let id = a
-        .client()
-        .run_pipeline(pb::RunPipelineRequest {
-            pipeline_name: "frozen".into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .execution
-        .unwrap()
-        .id;
-    let get = |id: String| {
-        let mut client = b.client();
-        async move {
-            client
-                .get_execution(pb::GetExecutionRequest { execution_id: id })
-                .await
-                .unwrap()
-                .into_inner()
-                .execution
-                .unwrap()
-        }
-    };
+            gate_script(&gate)
+        )),
+    )
+    .await;
+    let id = run(&a.client(), "frozen", json!({})).await.id;
     let deadline = tokio::time::Instant::now() + PATIENCE;
-    while step_status(step(&get(id.clone()).await, "held")) != pb::StepStatus::Running {
+    while step_status(step(&get(&b.client(), &id).await, "held")) != pb::StepStatus::Running {
         assert!(tokio::time::Instant::now() < deadline, "held never ran");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // A stops renewing; B takes the execution over and starts attempt 2.
     a.signal(Signal::SIGSTOP);
-    while step(&get(id.clone()).await, "held").attempt < 2 {
+    while step(&get(&b.client(), &id).await, "held").attempt < 2 {
         assert!(tokio::time::Instant::now() < deadline, "B never took over");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -445,7 +348,7 @@ async fn a_frozen_replica_that_lost_its_lease_cannot_write_when_it_wakes_up() {
     // A wakes up: its attempt 1 ends too, but nothing it writes may land.
     a.signal(Signal::SIGCONT);
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let done = get(id.clone()).await;
+    let done = get(&b.client(), &id).await;
     assert_gapless(&events, 1);
     assert_eq!(
         event_type(events.last().unwrap()),
