@@ -282,15 +282,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             execution_id,
             client,
         } => {
-            let execution = connect(&client)
+            let response = connect(&client)
                 .await?
                 .get_execution(pb::GetExecutionRequest { execution_id })
-                .await?
-                .into_inner()
-                .execution
-                .unwrap_or_default();
-            print_execution(&execution, client.output);
-            Ok(ExitCode::SUCCESS)
+                .await?;
+            Ok(show_execution(
+                response.into_inner().execution,
+                client.output,
+            ))
         }
         Command::List {
             pipeline,
@@ -405,29 +404,27 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             execution_id,
             client,
         } => {
-            let execution = connect(&client)
+            let response = connect(&client)
                 .await?
                 .pause_execution(pb::PauseExecutionRequest { execution_id })
-                .await?
-                .into_inner()
-                .execution
-                .unwrap_or_default();
-            print_execution(&execution, client.output);
-            Ok(ExitCode::SUCCESS)
+                .await?;
+            Ok(show_execution(
+                response.into_inner().execution,
+                client.output,
+            ))
         }
         Command::Resume {
             execution_id,
             client,
         } => {
-            let execution = connect(&client)
+            let response = connect(&client)
                 .await?
                 .resume_execution(pb::ResumeExecutionRequest { execution_id })
-                .await?
-                .into_inner()
-                .execution
-                .unwrap_or_default();
-            print_execution(&execution, client.output);
-            Ok(ExitCode::SUCCESS)
+                .await?;
+            Ok(show_execution(
+                response.into_inner().execution,
+                client.output,
+            ))
         }
         Command::Cancel {
             execution_id,
@@ -439,36 +436,34 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             } else {
                 pb::CancelMode::Graceful
             };
-            let execution = connect(&client)
+            let response = connect(&client)
                 .await?
                 .cancel_execution(pb::CancelExecutionRequest {
                     execution_id,
                     mode: mode as i32,
                 })
-                .await?
-                .into_inner()
-                .execution
-                .unwrap_or_default();
-            print_execution(&execution, client.output);
-            Ok(ExitCode::SUCCESS)
+                .await?;
+            Ok(show_execution(
+                response.into_inner().execution,
+                client.output,
+            ))
         }
         Command::Retry {
             execution_id,
             from_step,
             client,
         } => {
-            let execution = connect(&client)
+            let response = connect(&client)
                 .await?
                 .retry_execution(pb::RetryExecutionRequest {
                     execution_id,
                     from_step: from_step.unwrap_or_default(),
                 })
-                .await?
-                .into_inner()
-                .execution
-                .unwrap_or_default();
-            print_execution(&execution, client.output);
-            Ok(ExitCode::SUCCESS)
+                .await?;
+            Ok(show_execution(
+                response.into_inner().execution,
+                client.output,
+            ))
         }
     }
 }
@@ -723,6 +718,12 @@ fn event_text(e: &pb::ExecutionEvent) -> String {
         ));
     }
     text
+}
+
+/// Prints the execution an RPC answered with; the subcommand succeeded.
+fn show_execution(execution: Option<pb::Execution>, output: Output) -> ExitCode {
+    print_execution(&execution.unwrap_or_default(), output);
+    ExitCode::SUCCESS
 }
 
 fn print_execution(e: &pb::Execution, output: Output) {

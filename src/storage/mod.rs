@@ -954,18 +954,6 @@ impl Store {
             .collect()
     }
 
-    /// Ids of executions that are not finished, oldest first.
-    pub async fn active_execution_ids(&self) -> Result<Vec<String>> {
-        Ok(execution::Entity::find()
-            .select_only()
-            .column(execution::Column::Id)
-            .filter(execution::Column::Status.is_in(ACTIVE_STATUSES.map(ExecutionStatus::as_str)))
-            .order_by_asc(execution::Column::Id)
-            .into_tuple()
-            .all(&self.reader)
-            .await?)
-    }
-
     /// Up to `limit` events of an execution with a sequence above `after`.
     pub async fn events_after(&self, id: &str, after: i64, limit: u64) -> Result<Vec<Event>> {
         execution_event::Entity::find()
