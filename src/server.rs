@@ -110,14 +110,8 @@ pub async fn serve(
     health
         .set_serving::<PipelineServiceServer<PipelineApi>>()
         .await;
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
 
     tracing::info!(addr = %listener.local_addr()?, database = %redact(&url), recovered, "pipelined serving");
     let stopping = engine.shutdown_token();
@@ -163,6 +157,18 @@ pub async fn serve(
     engine.shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Reflection over every message this server speaks, advertising only the
+/// services it serves: `StepWorkerService` is in the same descriptor set but
+/// is served by workers, not here.
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name("pipeline.v1.PipelineService")
+        .with_service_name("grpc.health.v1.Health")
+        .with_service_name("grpc.reflection.v1.ServerReflection")
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -317,7 +317,7 @@ pub struct HttpSpec {
 /// HTTP methods an `http` step may use.
 pub const HTTP_METHODS: [&str; 6] = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD"];
 
-/// A call to a `pipeline.v1.StepWorker` made by a `grpc` step.
+/// A call to a `pipeline.v1.StepWorkerService` made by a `grpc` step.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GrpcSpec {

@@ -1,4 +1,4 @@
-//! `grpc` steps against a real `pipeline.v1.StepWorker` served in the test.
+//! `grpc` steps against a real `pipeline.v1.StepWorkerService` served in the test.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use pipelined::proto::v1 as pb;
 use pipelined::proto::v1::run_step_response::Message;
-use pipelined::proto::v1::step_worker_server::{StepWorker, StepWorkerServer};
+use pipelined::proto::v1::step_worker_service_server::{
+    StepWorkerService, StepWorkerServiceServer,
+};
 use pipelined::proto::v1::worker_result::Outcome;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -30,7 +32,7 @@ struct Seen {
     cancelled: bool,
 }
 
-/// A StepWorker whose behaviour is chosen by the step's `config.mode`:
+/// A StepWorkerService whose behaviour is chosen by the step's `config.mode`:
 ///
 /// - `echo`: logs two lines with progress 50 between them, then succeeds
 ///   with `{rows: 3, by: "<step>#<attempt>"}`;
@@ -51,7 +53,7 @@ type ResponseStream =
     Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::RunStepResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
-impl StepWorker for TestWorker {
+impl StepWorkerService for TestWorker {
     type RunStepStream = ResponseStream;
 
     async fn run_step(
@@ -179,7 +181,7 @@ impl Worker {
         let seen = Arc::clone(&worker.seen);
         tokio::spawn(
             tonic::transport::Server::builder()
-                .add_service(StepWorkerServer::new(worker))
+                .add_service(StepWorkerServiceServer::new(worker))
                 .serve_with_incoming(TcpListenerStream::new(listener)),
         );
         Self { address, seen }

@@ -1,4 +1,4 @@
-//! `grpc` steps: one `pipeline.v1.StepWorker/RunStep` call per attempt.
+//! `grpc` steps: one `pipeline.v1.StepWorkerService/RunStep` call per attempt.
 //!
 //! The worker streams log lines and progress, which go to the attempt's
 //! reporter as they arrive, and ends the stream with one result. Dropping the
@@ -28,7 +28,7 @@ use crate::domain::definition::GrpcSpec;
 use crate::domain::status::LogStream;
 use crate::proto::v1 as pb;
 use crate::proto::v1::run_step_response::Message;
-use crate::proto::v1::step_worker_client::StepWorkerClient;
+use crate::proto::v1::step_worker_service_client::StepWorkerServiceClient;
 use crate::proto::v1::worker_result::Outcome;
 use crate::transport::convert::{Violations, json_to_struct, struct_to_json};
 
@@ -63,7 +63,8 @@ pub async fn run(spec: &GrpcSpec, attempt: &Attempt<'_>) -> Result<JsonMap, Step
             format!("cannot connect to {}: {}", spec.address, chain(&e)),
         )
     })?;
-    let mut client = StepWorkerClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let mut client =
+        StepWorkerServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let mut stream = client
         .run_step(request)
         .await
