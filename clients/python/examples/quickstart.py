@@ -9,8 +9,6 @@ shows how to read the field violations of an INVALID_ARGUMENT error.
 Exits non-zero if anything does not go as described.
 """
 
-from __future__ import annotations
-
 import argparse
 import json
 import os
