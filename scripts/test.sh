@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Runs every test of pipelined: formatting, lints, unit tests and the
-# integration suite (a real server on a real socket), first with its SQLite
-# default, then again on a throwaway PostgreSQL cluster started from the
-# machine's PostgreSQL binaries (see scripts/postgres.sh). Needs a Rust
-# toolchain; every crate comes from crates.io.
+# Runs every test of pipelined: formatting, lints, the protos (buf lint,
+# breaking-change check, generated clients up to date), unit tests and the
+# integration suite (a real server on a real socket) with the SQLite default,
+# the Python, TypeScript and Go clients' examples against the real binary,
+# and the integration suite again on a throwaway PostgreSQL cluster started
+# from the machine's PostgreSQL binaries (see scripts/postgres.sh). Needs
+# Rust, Go, Python 3 and Node.js; everything else comes from crates.io, the
+# Go module proxy, PyPI and npm (see scripts/tools.sh).
 #
 # Without PostgreSQL binaries the second run is skipped with a loud warning,
 # unless REQUIRE_POSTGRES=1 (as in CI), which makes that a failure.
@@ -16,8 +19,15 @@ cargo fmt --all -- --check
 echo "==> cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+echo "==> protos: buf lint, buf breaking, generated clients up to date"
+scripts/proto.sh check
+
 echo "==> cargo test (SQLite)"
 cargo test --workspace --locked
+
+echo "==> clients: Python, TypeScript and Go examples against the real server"
+cargo build --locked
+scripts/clients-test.sh
 
 echo "==> integration tests on PostgreSQL"
 # shellcheck source=scripts/postgres.sh
