@@ -16,6 +16,7 @@ use crate::domain::limits;
 use crate::engine::{Engine, EngineConfig};
 use crate::proto::v1::pipeline_service_server::PipelineServiceServer;
 use crate::storage::Store;
+use crate::transport::deadline::DeadlineLayer;
 use crate::transport::decode_errors;
 use crate::transport::service::PipelineApi;
 
@@ -135,6 +136,9 @@ pub async fn serve(
         let _ = began.send(());
     };
     let serving = tonic::transport::Server::builder()
+        // Outermost first: the caller's deadline, then the
+        // undecodable-request status fix.
+        .layer(DeadlineLayer)
         .layer(tower::util::MapResponseLayer::new(
             decode_errors::invalid_argument_for_undecodable,
         ))
