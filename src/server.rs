@@ -18,6 +18,7 @@ use crate::proto::v1::pipeline_service_server::PipelineServiceServer;
 use crate::storage::Store;
 use crate::transport::deadline::DeadlineLayer;
 use crate::transport::decode_errors;
+use crate::transport::request_context::RequestContextLayer;
 use crate::transport::service::PipelineApi;
 
 /// What `pipelined serve` is configured with.
@@ -136,8 +137,9 @@ pub async fn serve(
         let _ = began.send(());
     };
     let serving = tonic::transport::Server::builder()
-        // Outermost first: the caller's deadline, then the
-        // undecodable-request status fix.
+        // Outermost first: request id and span around everything, then the
+        // caller's deadline, then the undecodable-request status fix.
+        .layer(RequestContextLayer)
         .layer(DeadlineLayer)
         .layer(tower::util::MapResponseLayer::new(
             decode_errors::invalid_argument_for_undecodable,

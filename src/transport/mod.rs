@@ -3,5 +3,6 @@
 pub mod convert;
 pub mod deadline;
 pub mod decode_errors;
+pub mod request_context;
 pub mod service;
 pub mod status;

@@ -14,11 +14,15 @@ use pipelined::proto::v1::pipeline_service_client::PipelineServiceClient;
 use serde_json::json;
 use tokio::time::Instant;
 use tonic::codegen::http;
+use tonic::metadata::MetadataMap;
 use tonic::{Code, Request};
 
 use crate::helpers::*;
+use crate::process::{self, ServerProcess};
 
 const NAP: &str = "name: nap\nsteps: [{name: nap, sleep: {duration: 30s}}]\n";
+const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
 /// A gRPC client over a bare HTTP/2 connection. A tonic `Channel` gives up
 /// on a call by itself when its `grpc-timeout` passes (answering CANCELLED
@@ -54,6 +58,10 @@ fn with_timeout<T>(message: T, timeout: Duration) -> Request<T> {
     let mut request = Request::new(message);
     request.set_timeout(timeout);
     request
+}
+
+fn header<'a>(metadata: &'a MetadataMap, name: &str) -> Option<&'a str> {
+    metadata.get(name).map(|v| v.to_str().expect("ASCII"))
 }
 
 /// Reads a stream until it fails, returning the status and how long it took.
@@ -204,6 +212,10 @@ async fn a_unary_call_past_its_deadline_ends_with_deadline_exceeded() {
         took >= Duration::from_millis(250) && took < Duration::from_secs(5),
         "answered after {took:?}"
     );
+    assert!(
+        refused.metadata().get("x-request-id").is_some(),
+        "{refused:?}"
+    );
 
     // Once the database is free again the server carries on: the cancel,
     // which had reached the execution's runner, is carried out (state
@@ -221,4 +233,149 @@ async fn a_unary_call_past_its_deadline_ends_with_deadline_exceeded() {
         .await
         .expect("a call within its deadline is answered");
     assert_eq!(answered.into_inner().execution.unwrap().id, execution.id);
+}
+
+#[tokio::test]
+async fn the_request_id_is_echoed_or_made_up() {
+    let app = spawn_app().await;
+    let mut client = app.client.clone();
+    let list = |id: Option<&str>| {
+        let mut request = Request::new(pb::ListPipelinesRequest::default());
+        if let Some(id) = id {
+            request
+                .metadata_mut()
+                .insert("x-request-id", id.parse().unwrap());
+        }
+        request
+    };
+
+    let given = client.list_pipelines(list(Some("req-42"))).await.unwrap();
+    assert_eq!(header(given.metadata(), "x-request-id"), Some("req-42"));
+
+    for id in [None, Some("x".repeat(129).as_str()), Some("")] {
+        let made_up = client.list_pipelines(list(id)).await.unwrap();
+        let echoed = header(made_up.metadata(), "x-request-id").expect("a request id");
+        assert!(uuid::Uuid::parse_str(echoed).is_ok(), "{id:?} -> {echoed}");
+    }
+    let first = client.list_pipelines(list(None)).await.unwrap();
+    let second = client.list_pipelines(list(None)).await.unwrap();
+    assert_ne!(
+        header(first.metadata(), "x-request-id"),
+        header(second.metadata(), "x-request-id"),
+        "each call gets its own"
+    );
+
+    // Error answers (trailers-only) carry it too.
+    let mut request = Request::new(pb::GetExecutionRequest {
+        execution_id: uuid::Uuid::now_v7().to_string(),
+    });
+    request
+        .metadata_mut()
+        .insert("x-request-id", "req-43".parse().unwrap());
+    let missing = client.get_execution(request).await.unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound);
+    assert_eq!(header(missing.metadata(), "x-request-id"), Some("req-43"));
+}
+
+#[tokio::test]
+async fn a_valid_traceparent_is_echoed_and_an_invalid_one_ignored() {
+    let app = spawn_app().await;
+    let mut client = app.client.clone();
+    let list = |traceparent: &str| {
+        let mut request = Request::new(pb::ListPipelinesRequest::default());
+        request
+            .metadata_mut()
+            .insert("traceparent", traceparent.parse().unwrap());
+        request
+    };
+    let valid = client.list_pipelines(list(TRACEPARENT)).await.unwrap();
+    assert_eq!(header(valid.metadata(), "traceparent"), Some(TRACEPARENT));
+    assert!(header(valid.metadata(), "x-request-id").is_some());
+
+    let zero_trace = format!("00-{}-00f067aa0ba902b7-01", "0".repeat(32));
+    for invalid in ["garbage", zero_trace.as_str()] {
+        let ignored = client.list_pipelines(list(invalid)).await.unwrap();
+        assert_eq!(header(ignored.metadata(), "traceparent"), None, "{invalid}");
+    }
+}
+
+/// The ids are on the server's own log lines, from the real binary.
+#[tokio::test]
+async fn the_servers_log_lines_carry_the_request_and_trace_ids() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let server = ServerProcess::start(&dir.path().join("data"), &[]).await;
+    let client = server.client();
+    process::create(&client, pipeline(NAP)).await;
+
+    let mut request = Request::new(pb::RunPipelineRequest {
+        pipeline_name: "nap".into(),
+        ..Default::default()
+    });
+    request
+        .metadata_mut()
+        .insert("x-request-id", "mesh-run-1".parse().unwrap());
+    request
+        .metadata_mut()
+        .insert("traceparent", TRACEPARENT.parse().unwrap());
+    let execution = client
+        .clone()
+        .run_pipeline(request)
+        .await
+        .expect("run")
+        .into_inner()
+        .execution
+        .unwrap();
+
+    // A watch that runs into its deadline: the server ends the stream and
+    // says so, under the watch's request id.
+    let mut request = with_timeout(
+        pb::WatchExecutionRequest {
+            execution_id: execution.id.clone(),
+            after_sequence: 0,
+        },
+        Duration::from_millis(300),
+    );
+    request
+        .metadata_mut()
+        .insert("x-request-id", "mesh-watch-1".parse().unwrap());
+    let mut watch = client
+        .clone()
+        .watch_execution(request)
+        .await
+        .expect("watch")
+        .into_inner();
+    let (status, _) = stream_status(&mut watch, Instant::now()).await;
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+
+    let line = |needle: &str| {
+        let log = server.log();
+        log.lines().find(|l| l.contains(needle)).map(str::to_string)
+    };
+    let mut admitted = None;
+    let mut ended = None;
+    wait_until("the server logs both calls", || {
+        admitted = line("execution admitted");
+        ended = line("stream ended at its deadline");
+        admitted.is_some() && ended.is_some()
+    })
+    .await;
+    let admitted = admitted.unwrap();
+    for expected in [
+        "request_id=mesh-run-1",
+        &format!("trace_id={TRACE_ID}"),
+        "method=/pipeline.v1.PipelineService/RunPipeline",
+        &execution.id,
+    ] {
+        assert!(
+            admitted.contains(expected),
+            "{expected} missing: {admitted}"
+        );
+    }
+    let ended = ended.unwrap();
+    assert!(ended.contains("request_id=mesh-watch-1"), "{ended}");
+    assert!(
+        ended.contains("method=/pipeline.v1.PipelineService/WatchExecution"),
+        "{ended}"
+    );
+    server.terminate().await;
 }
