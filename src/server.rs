@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::codec::CompressionEncoding;
 use tonic_health::ServingStatus;
 
 use crate::domain::definition::CommandPolicy;
@@ -150,7 +151,9 @@ pub async fn serve(
         .add_service(
             PipelineServiceServer::new(PipelineApi::new(engine.clone()))
                 .max_decoding_message_size(limits::MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(limits::MAX_MESSAGE_BYTES),
+                .max_encoding_message_size(limits::MAX_MESSAGE_BYTES)
+                .accept_compressed(CompressionEncoding::Gzip)
+                .send_compressed(CompressionEncoding::Gzip),
         )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), on_shutdown);
     let grace_over = async {

@@ -13,6 +13,7 @@ use pipelined::proto::v1 as pb;
 use pipelined::proto::v1::pipeline_service_client::PipelineServiceClient;
 use serde_json::json;
 use tokio::time::Instant;
+use tonic::codec::CompressionEncoding;
 use tonic::codegen::http;
 use tonic::metadata::MetadataMap;
 use tonic::{Code, Request};
@@ -233,6 +234,64 @@ async fn a_unary_call_past_its_deadline_ends_with_deadline_exceeded() {
         .await
         .expect("a call within its deadline is answered");
     assert_eq!(answered.into_inner().execution.unwrap().id, execution.id);
+}
+
+#[tokio::test]
+async fn gzip_clients_get_gzip_answers_and_plain_clients_plain_ones() {
+    let app = spawn_app().await;
+    let mut gzip = PipelineServiceClient::new(app.channel().await)
+        .send_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Gzip);
+    // A compressed request is understood (otherwise: UNIMPLEMENTED).
+    gzip.create_pipeline(pb::CreatePipelineRequest {
+        pipeline: Some(pipeline(
+            "name: zipped\nsteps: [{name: a, set: {values: {a: 1}}}]\n",
+        )),
+    })
+    .await
+    .expect("a gzip request");
+    let big = "compressible ".repeat(30_000);
+    let response = gzip
+        .run_pipeline(pb::RunPipelineRequest {
+            pipeline_name: "zipped".into(),
+            input: Some(to_struct(json!({"text": big}))),
+            ..Default::default()
+        })
+        .await
+        .expect("a gzip request");
+    assert_eq!(header(response.metadata(), "grpc-encoding"), Some("gzip"));
+    let execution = response.into_inner().execution.unwrap();
+    assert_eq!(to_json(&execution.input), json!({"text": big}));
+    let done = app.finish(&execution.id).await;
+    assert_eq!(status(&done), pb::ExecutionStatus::Succeeded);
+
+    // Streams too.
+    let watch = gzip
+        .watch_execution(pb::WatchExecutionRequest {
+            execution_id: execution.id.clone(),
+            after_sequence: 0,
+        })
+        .await
+        .expect("a gzip watch");
+    assert_eq!(header(watch.metadata(), "grpc-encoding"), Some("gzip"));
+    let mut watch = watch.into_inner();
+    let mut events = 0;
+    while watch.message().await.expect("gzip stream").is_some() {
+        events += 1;
+    }
+    assert!(events >= 3, "{events} events");
+
+    // A client that asks for nothing gets plain answers.
+    let plain = app
+        .client
+        .clone()
+        .get_execution(pb::GetExecutionRequest {
+            execution_id: execution.id.clone(),
+        })
+        .await
+        .expect("a plain request");
+    assert_ne!(header(plain.metadata(), "grpc-encoding"), Some("gzip"));
+    assert_eq!(plain.into_inner().execution.unwrap().id, execution.id);
 }
 
 #[tokio::test]
