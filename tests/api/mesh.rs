@@ -295,6 +295,48 @@ async fn gzip_clients_get_gzip_answers_and_plain_clients_plain_ones() {
 }
 
 #[tokio::test]
+async fn requests_over_4_mib_are_resource_exhausted() {
+    let app = spawn_app().await;
+    app.create("name: big\nsteps: [{name: a, set: {values: {a: 1}}}]\n")
+        .await;
+    let request = || pb::RunPipelineRequest {
+        pipeline_name: "big".into(),
+        input: Some(to_struct(json!({"blob": "x".repeat(5 << 20)}))),
+        ..Default::default()
+    };
+    let plain = app
+        .client
+        .clone()
+        .run_pipeline(request())
+        .await
+        .unwrap_err();
+    assert_eq!(plain.code(), Code::ResourceExhausted, "{plain:?}");
+    assert!(plain.message().contains("4194304"), "{plain:?}");
+
+    // Compressed, it is small on the wire but too large once unpacked.
+    let zipped = PipelineServiceClient::new(app.channel().await)
+        .send_compressed(CompressionEncoding::Gzip)
+        .run_pipeline(request())
+        .await
+        .unwrap_err();
+    assert_eq!(zipped.code(), Code::ResourceExhausted, "{zipped:?}");
+
+    // Just under the limit the message is read (and then refused by the
+    // input's own, smaller limit).
+    let under = app
+        .client
+        .clone()
+        .run_pipeline(pb::RunPipelineRequest {
+            pipeline_name: "big".into(),
+            input: Some(to_struct(json!({"blob": "x".repeat((4 << 20) - 64)}))),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(under.code(), Code::InvalidArgument, "{under:?}");
+}
+
+#[tokio::test]
 async fn the_request_id_is_echoed_or_made_up() {
     let app = spawn_app().await;
     let mut client = app.client.clone();
