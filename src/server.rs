@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
+use tonic::codec::CompressionEncoding;
 use tonic_health::ServingStatus;
 
 use crate::domain::definition::CommandPolicy;
@@ -16,7 +17,9 @@ use crate::domain::limits;
 use crate::engine::{Engine, EngineConfig};
 use crate::proto::v1::pipeline_service_server::PipelineServiceServer;
 use crate::storage::Store;
+use crate::transport::deadline::DeadlineLayer;
 use crate::transport::decode_errors;
+use crate::transport::request_context::RequestContextLayer;
 use crate::transport::service::PipelineApi;
 
 /// What `pipelined serve` is configured with.
@@ -129,6 +132,10 @@ pub async fn serve(
         let _ = began.send(());
     };
     let serving = tonic::transport::Server::builder()
+        // Outermost first: request id and span around everything, then the
+        // caller's deadline, then the undecodable-request status fix.
+        .layer(RequestContextLayer)
+        .layer(DeadlineLayer)
         .layer(tower::util::MapResponseLayer::new(
             decode_errors::invalid_argument_for_undecodable,
         ))
@@ -138,7 +145,9 @@ pub async fn serve(
         .add_service(
             PipelineServiceServer::new(PipelineApi::new(engine.clone()))
                 .max_decoding_message_size(limits::MAX_MESSAGE_BYTES)
-                .max_encoding_message_size(limits::MAX_MESSAGE_BYTES),
+                .max_encoding_message_size(limits::MAX_MESSAGE_BYTES)
+                .accept_compressed(CompressionEncoding::Gzip)
+                .send_compressed(CompressionEncoding::Gzip),
         )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), on_shutdown);
     let grace_over = async {

@@ -269,7 +269,8 @@ const CLAIM_BATCH: u64 = 100;
 async fn detached<T: Send + 'static>(
     work: impl Future<Output = Result<T, Error>> + Send + 'static,
 ) -> Result<T, Error> {
-    tokio::spawn(work)
+    // In the caller's span, so that its log lines carry the request id.
+    tokio::spawn(work.in_current_span())
         .await
         .unwrap_or_else(|e| Err(Error::Internal(format!("request task failed: {e}"))))
 }
@@ -315,8 +316,12 @@ impl Shared {
             self.note_queued(&exec.pipeline_name);
         }
         match self.store.admit_execution(&mut exec, cap.as_ref()).await? {
-            Admission::Existing(existing) => Ok(*existing),
+            Admission::Existing(existing) => {
+                tracing::info!(execution = %existing.id, status = %existing.status, "request id matches an existing execution");
+                Ok(*existing)
+            }
             Admission::Created { to_cancel } => {
+                tracing::info!(execution = %exec.id, pipeline = %exec.pipeline_name, status = %exec.status, "execution admitted");
                 if exec.status == ExecutionStatus::Queued {
                     let events = self.store.events_after(&exec.id, 0, 1).await?;
                     self.hub.publish(&events);
@@ -866,7 +871,10 @@ impl Shared {
     }
 
     fn spawn(self: &Arc<Self>, exec: Execution, inbox: Inbox) {
-        let span = tracing::info_span!("execution", id = %exec.id, pipeline = %exec.pipeline_name);
+        // Its own root, not part of the call that started it: the runner
+        // outlives the call (and recovered executions have none).
+        let span = tracing::info_span!(parent: None, "execution", id = %exec.id, pipeline = %exec.pipeline_name);
+        span.follows_from(tracing::Span::current());
         let runner = Runner::new(Arc::clone(self), exec, inbox);
         self.tasks.spawn(runner.run().instrument(span));
     }

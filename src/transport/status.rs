@@ -1,5 +1,7 @@
 //! The one table from errors to gRPC statuses.
 
+use std::time::Duration;
+
 use tonic::{Code, Status};
 use tonic_types::{ErrorDetails, FieldViolation, PreconditionViolation, StatusExt};
 
@@ -58,4 +60,15 @@ impl From<Error> for Status {
             },
         }
     }
+}
+
+/// The answer to a call that ran past its `grpc-timeout`. tonic's own
+/// answer, `CANCELLED` ("Timeout expired"), would tell a caller (or a mesh
+/// retry policy) that someone cancelled the call rather than that its
+/// deadline passed.
+pub fn deadline_exceeded(timeout: Duration) -> Status {
+    Status::deadline_exceeded(format!(
+        "deadline exceeded: the call's grpc-timeout of {} passed",
+        humantime::format_duration(timeout)
+    ))
 }

@@ -11,6 +11,7 @@ mod executions;
 mod grpc_steps;
 mod helpers;
 mod http_steps;
+mod mesh;
 mod outage;
 mod pipelines;
 mod process;
