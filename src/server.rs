@@ -1,5 +1,5 @@
 //! Starting and stopping the service: storage, engine, gRPC with health and
-//! reflection, graceful shutdown.
+//! reflection, gRPC-Web, graceful shutdown.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -41,6 +41,9 @@ pub struct ServeConfig {
     /// How long a replica's lease on an execution lasts unless renewed: how
     /// soon another replica takes over the executions of one that died.
     pub lease: Duration,
+    /// Origins whose pages may call the API with gRPC-Web (`*`: any);
+    /// empty: no cross-origin browser access.
+    pub cors_allow_origins: Vec<String>,
 }
 
 impl ServeConfig {
@@ -112,6 +115,7 @@ pub async fn serve(
         .await;
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
+    let grpc_web = crate::transport::grpc_web::layer(&config.cors_allow_origins)?;
 
     tracing::info!(addr = %listener.local_addr()?, database = %redact(&url), recovered, "pipelined serving");
     let stopping = engine.shutdown_token();
@@ -129,6 +133,10 @@ pub async fn serve(
         let _ = began.send(());
     };
     let serving = tonic::transport::Server::builder()
+        // gRPC-Web over HTTP/1.1 beside gRPC over HTTP/2 (CORS, then the
+        // translation; plain gRPC passes through both).
+        .accept_http1(true)
+        .layer(grpc_web)
         .layer(tower::util::MapResponseLayer::new(
             decode_errors::invalid_argument_for_undecodable,
         ))

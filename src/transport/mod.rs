@@ -1,6 +1,8 @@
-//! Transport: the gRPC service, its conversions and its error table.
+//! Transport: the gRPC service, its conversions and its error table, and
+//! gRPC-Web for browsers.
 
 pub mod convert;
 pub mod decode_errors;
+pub mod grpc_web;
 pub mod service;
 pub mod status;
