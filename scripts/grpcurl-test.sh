@@ -6,10 +6,11 @@
 # step statuses, execution data, error codes. Any surprise stops the script
 # with the command and the response that was not as expected.
 #
-#   scripts/grpcurl-test.sh          (needs target/debug/pipelined: cargo build)
+#   scripts/grpcurl-test.sh
 #
-# grpcurl comes pinned from tools/go.mod (scripts/tools.sh); jq from the
-# machine (Debian's jq).
+# grpcurl comes pinned from tools/go.mod (scripts/tools.sh); jq is Debian's
+# (on the machine image; installed with apt-get if missing). The server is
+# target/debug/pipelined, built first if stale.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,7 +19,13 @@ source scripts/tools.sh
 # shellcheck source=scripts/live-server.sh
 source scripts/live-server.sh
 tools_install
-command -v jq >/dev/null || { echo "jq is needed (apt-get install jq)" >&2; exit 1; }
+cargo build --locked --quiet
+if ! command -v jq >/dev/null; then
+    SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends jq >/dev/null
+fi
 
 WORK="$(mktemp -d)"
 cleanup() {
