@@ -180,6 +180,15 @@ pub struct ServeArgs {
     /// replica takes over a dead one's executions after it.
     #[arg(long, env = "PIPELINED_LEASE", default_value = "15s", value_parser = humantime::parse_duration)]
     pub lease: std::time::Duration,
+    /// Let pages from this origin (scheme://host[:port]) call the API with
+    /// gRPC-Web (repeatable; comma-separated in the environment variable;
+    /// `*` allows any origin). Without it, no cross-origin browser access.
+    #[arg(
+        long = "cors-allow-origin",
+        env = "PIPELINED_CORS_ALLOW_ORIGIN",
+        value_delimiter = ','
+    )]
+    pub cors_allow_origins: Vec<String>,
     /// Log filter, e.g. info or pipelined=debug.
     #[arg(long, env = "PIPELINED_LOG", default_value = "info")]
     pub log: String,
@@ -491,6 +500,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         heartbeat_interval: args.heartbeat,
         replica_id: args.replica_id,
         lease: args.lease,
+        cors_allow_origins: args
+            .cors_allow_origins
+            .into_iter()
+            .filter(|o| !o.is_empty())
+            .collect(),
     };
     server::serve(config, listener, server::signal()).await?;
     Ok(ExitCode::SUCCESS)

@@ -1,5 +1,5 @@
 //! Starting and stopping the service: storage, engine, gRPC with health and
-//! reflection, graceful shutdown.
+//! reflection, gRPC-Web, graceful shutdown.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -44,6 +44,9 @@ pub struct ServeConfig {
     /// How long a replica's lease on an execution lasts unless renewed: how
     /// soon another replica takes over the executions of one that died.
     pub lease: Duration,
+    /// Origins whose pages may call the API with gRPC-Web (`*`: any);
+    /// empty: no cross-origin browser access.
+    pub cors_allow_origins: Vec<String>,
 }
 
 impl ServeConfig {
@@ -115,6 +118,7 @@ pub async fn serve(
         .await;
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
+    let grpc_web = crate::transport::grpc_web::layer(&config.cors_allow_origins)?;
 
     tracing::info!(addr = %listener.local_addr()?, database = %redact(&url), recovered, "pipelined serving");
     let stopping = engine.shutdown_token();
@@ -132,8 +136,12 @@ pub async fn serve(
         let _ = began.send(());
     };
     let serving = tonic::transport::Server::builder()
-        // Outermost first: request id and span around everything, then the
-        // caller's deadline, then the undecodable-request status fix.
+        // Outermost first: gRPC-Web (CORS, then the translation; plain gRPC
+        // passes through both), so every layer inside sees ordinary gRPC and
+        // its answers reach browsers translated; then the request id and span
+        // around everything else, the caller's deadline, and the status fixes.
+        .accept_http1(true)
+        .layer(grpc_web)
         .layer(RequestContextLayer)
         .layer(DeadlineLayer)
         .layer(tower::util::MapResponseLayer::new(

@@ -1,8 +1,10 @@
-//! Transport: the gRPC service, its conversions and its error table.
+//! Transport: the gRPC service, its conversions and its error table, and
+//! gRPC-Web for browsers.
 
 pub mod convert;
 pub mod deadline;
 pub mod decode_errors;
+pub mod grpc_web;
 pub mod request_context;
 pub mod service;
 pub mod status;

@@ -67,6 +67,7 @@ async fn spawn_app_configured(
         heartbeat_interval: Duration::from_secs(15),
         replica_id: None,
         lease: Duration::from_secs(15),
+        cors_allow_origins: Vec::new(),
     };
     tweak(&mut config);
     let (tx, rx) = oneshot::channel::<()>();

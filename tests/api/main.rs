@@ -9,6 +9,7 @@ mod crash;
 mod durability;
 mod executions;
 mod grpc_steps;
+mod grpc_web;
 mod helpers;
 mod http_steps;
 mod mesh;
