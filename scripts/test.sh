@@ -29,6 +29,12 @@ echo "==> clients: Python, TypeScript and Go examples against the real server"
 cargo build --locked
 scripts/clients-test.sh
 
+echo "==> grpcurl walkthrough against the real server"
+scripts/grpcurl-test.sh
+
+echo "==> gRPC-Web from a page in headless Chromium"
+scripts/browser-test.sh
+
 echo "==> integration tests on PostgreSQL"
 # shellcheck source=scripts/postgres.sh
 source scripts/postgres.sh
