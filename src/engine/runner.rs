@@ -130,6 +130,12 @@ pub struct Runner {
     pending_reports: Vec<Report>,
     /// When the oldest of `pending_reports` must be committed at the latest.
     flush_at: Option<tokio::time::Instant>,
+    /// State changes made but not committed yet (steps changed, events):
+    /// finished attempts are staged so that their outcome is committed
+    /// together with whatever they let start, in one transaction. Nothing
+    /// staged is published before it is committed.
+    staged_steps: Vec<usize>,
+    staged_events: Vec<Event>,
     /// Cancellation tokens of the attempts now running, by step index.
     running: HashMap<usize, CancellationToken>,
     /// Why the execution fails, from the first step that failed.
@@ -164,6 +170,8 @@ impl Runner {
             reports_rx,
             pending_reports: Vec::new(),
             flush_at: None,
+            staged_steps: Vec::new(),
+            staged_events: Vec::new(),
             running: HashMap::new(),
             failure: None,
             timed_out: false,
@@ -216,18 +224,25 @@ impl Runner {
                 return false;
             }
         }
-        self.commit(&changed, events).await
+        // Committed with the first steps to start (or on its own, below).
+        self.stage(&changed, events);
+        true
     }
 
     async fn drive(&mut self) {
         loop {
             if self.stop.is_cancelled() {
+                // Outcomes of attempts that finished are kept if the
+                // database takes them at once (one try: the server is
+                // stopping); otherwise those steps run again.
+                self.commit_staged().await;
                 return self.abandon().await;
             }
             // Past the deadline (say, after a restart), nothing new starts.
             if self.deadline_to_watch().is_some_and(|at| at <= Utc::now()) {
                 self.on_deadline();
             }
+            // Commits what is staged, with the steps that start now.
             if !self.start_ready_steps().await {
                 return self.abandon().await;
             }
@@ -235,14 +250,20 @@ impl Runner {
             if self.running.is_empty() && retry_at.is_none() && !self.waits_for_resume() {
                 return self.finish().await;
             }
+            // Nothing started: what is staged is committed before waiting.
+            if !self.commit_staged().await {
+                return self.abandon().await;
+            }
             let flush_at = self.flush_at;
             let deadline = self.deadline_to_watch();
             // Biased: a finished attempt is recorded before a shutdown is noticed.
             tokio::select! {
                 biased;
                 Some(done) = self.finished_rx.recv() => {
-                    if !self.on_step_finished(done).await {
-                        return self.abandon().await;
+                    // Every attempt that has finished by now, in one commit.
+                    self.on_step_finished(done);
+                    while let Ok(done) = self.finished_rx.try_recv() {
+                        self.on_step_finished(done);
                     }
                 }
                 Some(report) = self.reports_rx.recv() => {
@@ -485,7 +506,8 @@ impl Runner {
         });
     }
 
-    async fn on_step_finished(&mut self, done: Finished) -> bool {
+    /// Records the outcome of a finished attempt, staged for the next commit.
+    fn on_step_finished(&mut self, done: Finished) {
         // Everything the attempt reported was queued before it finished.
         while let Ok(report) = self.reports_rx.try_recv() {
             self.pending_reports.push(report);
@@ -530,7 +552,7 @@ impl Runner {
         };
         let event = self.step_event(kind, i);
         events.push(event);
-        self.commit(&[i], events).await
+        self.stage(&[i], events);
     }
 
     /// Fails an output that would make the execution's data too large.
@@ -733,6 +755,7 @@ impl Runner {
         event.duration = self.exec.duration();
         event.execution_data = Some(self.exec.execution_data.clone());
         events.push(event);
+        let (pending, events) = self.take_staged(&pending, events);
         let events = self.with_reports(events);
         if self.persist(&pending, &events).await {
             // Unregister before publishing, so that a client reacting to the
@@ -818,13 +841,43 @@ impl Runner {
         all
     }
 
-    /// Commits, then publishes. Returns false if the server is stopping.
+    /// Adds state changes to the next commit.
+    fn stage(&mut self, changed: &[usize], events: Vec<Event>) {
+        for &i in changed {
+            if !self.staged_steps.contains(&i) {
+                self.staged_steps.push(i);
+            }
+        }
+        self.staged_events.extend(events);
+    }
+
+    /// What is staged followed by `changed` and `events` (whose sequences
+    /// follow the staged ones), leaving nothing staged.
+    fn take_staged(&mut self, changed: &[usize], events: Vec<Event>) -> (Vec<usize>, Vec<Event>) {
+        self.stage(changed, events);
+        (
+            std::mem::take(&mut self.staged_steps),
+            std::mem::take(&mut self.staged_events),
+        )
+    }
+
+    /// Commits what is staged, if anything (reports wait for their batch).
+    async fn commit_staged(&mut self) -> bool {
+        if self.staged_steps.is_empty() && self.staged_events.is_empty() {
+            return true;
+        }
+        self.commit(&[], Vec::new()).await
+    }
+
+    /// Commits what is staged with `changed` and `events`, then publishes.
+    /// Returns false if the server is stopping.
     async fn commit(&mut self, changed: &[usize], events: Vec<Event>) -> bool {
+        let (changed, events) = self.take_staged(changed, events);
         let events = self.with_reports(events);
         if changed.is_empty() && events.is_empty() {
             return true;
         }
-        if !self.persist(changed, &events).await {
+        if !self.persist(&changed, &events).await {
             return false;
         }
         self.shared.hub.publish(&events);

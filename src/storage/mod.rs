@@ -786,7 +786,7 @@ impl Store {
     ) -> Result<()> {
         let txn = self.writer.begin().await?;
         let mut update = execution::Entity::update_many()
-            .set(execution_row(exec))
+            .set(execution_changes(exec))
             .filter(execution::Column::Id.eq(&exec.id));
         // The events continue the stored log: a writer with a stale copy
         // of the execution cannot add to it.
@@ -1087,6 +1087,21 @@ fn execution_row(exec: &Execution) -> execution::ActiveModel {
         owner: sea_orm::ActiveValue::NotSet,
         lease_expires_at: sea_orm::ActiveValue::NotSet,
         requested_action: sea_orm::ActiveValue::NotSet,
+    }
+}
+
+/// The columns of an execution that change after admission; the others
+/// (definition, input, labels, ids) are written once, by admission.
+fn execution_changes(exec: &Execution) -> execution::ActiveModel {
+    execution::ActiveModel {
+        status: Set(exec.status.as_str().to_string()),
+        execution_data: Set(Value::Object(exec.execution_data.clone())),
+        error_message: Set(exec.error_message.clone()),
+        started_at: Set(exec.started_at),
+        finished_at: Set(exec.finished_at),
+        last_sequence: Set(exec.last_sequence),
+        deadline_at: Set(exec.deadline),
+        ..Default::default()
     }
 }
 
