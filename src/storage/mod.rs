@@ -2,6 +2,7 @@
 //! type, [`Store`]. SQLite (the embedded default) and PostgreSQL share all of
 //! it; the only difference is how connections are pooled.
 
+pub mod commits;
 pub mod entities;
 
 use std::collections::{BTreeMap, HashMap};
@@ -9,7 +10,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use migration::{Migrator, MigratorTrait};
-use sea_orm::sea_query::OnConflict;
 use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection,
@@ -147,6 +147,8 @@ pub struct Store {
     replica: Arc<str>,
     /// How long a lease lasts unless renewed.
     lease: Duration,
+    /// Writes runners' state changes in groups.
+    committer: commits::Committer,
 }
 
 impl Store {
@@ -159,6 +161,7 @@ impl Store {
             Migrator::up(&writer, None).await?;
             let reader = Database::connect(sqlite_options(url, 8)).await?;
             Self {
+                committer: commits::Committer::start(writer.clone(), Arc::clone(&replica)),
                 writer,
                 reader,
                 replica,
@@ -173,6 +176,7 @@ impl Store {
             let pool = Database::connect(options).await?;
             Migrator::up(&pool, None).await?;
             Self {
+                committer: commits::Committer::start(pool.clone(), Arc::clone(&replica)),
                 writer: pool.clone(),
                 reader: pool,
                 replica,
@@ -770,13 +774,16 @@ impl Store {
             .await?)
     }
 
-    /// Commits a state change of `exec` in one transaction: the execution
-    /// row, the steps at `changed_steps`, and `events`. Without `expect`
-    /// (a runner's write), the write happens only while this replica holds
-    /// the execution's lease, else [`StoreError::LeaseLost`]. With `expect`
-    /// (an execution without a runner: a retry, a queued cancel), it happens
-    /// only if the stored status is still `expect`, and leases the execution
-    /// to this replica.
+    /// Commits a state change of `exec`: the execution row, the steps at
+    /// `changed_steps`, and `events`, all or nothing. Without `expect` (a
+    /// runner's write), the write happens only while this replica holds the
+    /// execution's lease, else [`StoreError::LeaseLost`]; it is committed
+    /// together with the other runners' waiting writes (see [`commits`]).
+    /// With `expect` (an execution without a runner: a retry, a queued
+    /// cancel), it happens only if the stored status is still `expect`, and
+    /// leases the execution to this replica. Either way the events must
+    /// continue the stored log: a writer with a stale copy of the execution
+    /// cannot add to it.
     pub async fn save(
         &self,
         exec: &Execution,
@@ -784,61 +791,49 @@ impl Store {
         events: &[Event],
         expect: Option<ExecutionStatus>,
     ) -> Result<()> {
-        let txn = self.writer.begin().await?;
-        let mut update = execution::Entity::update_many()
-            .set(execution_changes(exec))
-            .filter(execution::Column::Id.eq(&exec.id));
-        // The events continue the stored log: a writer with a stale copy
-        // of the execution cannot add to it.
         let previous = exec.last_sequence - events.len() as i64;
-        update = update.filter(execution::Column::LastSequence.eq(previous));
-        update = match expect {
-            Some(expected) => update
-                .filter(execution::Column::Status.eq(expected.as_str()))
-                .col_expr(execution::Column::Owner, self.replica.as_ref().into())
-                .col_expr(execution::Column::LeaseExpiresAt, self.lease_until_expr())
-                .col_expr(
-                    execution::Column::RequestedAction,
-                    sea_orm::sea_query::Expr::value(Option::<String>::None),
-                ),
-            None => update.filter(execution::Column::Owner.eq(self.replica.as_ref())),
+        let steps = changed_steps
+            .iter()
+            .map(|&i| step_row(&exec.id, i, &exec.steps[i]));
+        let Some(expected) = expect else {
+            return self
+                .committer
+                .commit(commits::Change {
+                    execution_id: exec.id.clone(),
+                    previous_sequence: previous,
+                    execution: execution_changes(exec),
+                    steps: steps.collect(),
+                    events: events.iter().map(event_row).collect(),
+                    announcement: self.announcement(events),
+                })
+                .await;
         };
-        if update.exec(&txn).await?.rows_affected != 1 {
-            return Err(match expect {
-                Some(_) => StoreError::Conflict(format!(
-                    "execution '{}' changed concurrently; try again",
-                    exec.id
-                )),
-                None => StoreError::LeaseLost(exec.id.clone()),
-            });
+        let txn = self.writer.begin().await?;
+        let updated = execution::Entity::update_many()
+            .set(execution_changes(exec))
+            .filter(execution::Column::Id.eq(&exec.id))
+            .filter(execution::Column::LastSequence.eq(previous))
+            .filter(execution::Column::Status.eq(expected.as_str()))
+            .col_expr(execution::Column::Owner, self.replica.as_ref().into())
+            .col_expr(execution::Column::LeaseExpiresAt, self.lease_until_expr())
+            .col_expr(
+                execution::Column::RequestedAction,
+                sea_orm::sea_query::Expr::value(Option::<String>::None),
+            )
+            .exec(&txn)
+            .await?
+            .rows_affected;
+        if updated != 1 {
+            return Err(StoreError::Conflict(format!(
+                "execution '{}' changed concurrently; try again",
+                exec.id
+            )));
         }
         if !changed_steps.is_empty() {
-            execution_step::Entity::insert_many(
-                changed_steps
-                    .iter()
-                    .map(|&i| step_row(&exec.id, i, &exec.steps[i])),
-            )
-            .on_conflict(
-                OnConflict::columns([
-                    execution_step::Column::ExecutionId,
-                    execution_step::Column::Name,
-                ])
-                .update_columns([
-                    execution_step::Column::Status,
-                    execution_step::Column::Attempt,
-                    execution_step::Column::StartedAt,
-                    execution_step::Column::FinishedAt,
-                    execution_step::Column::Output,
-                    execution_step::Column::Error,
-                    execution_step::Column::Reason,
-                    execution_step::Column::NextAttemptAt,
-                    execution_step::Column::ErrorKind,
-                    execution_step::Column::RetryBase,
-                ])
-                .to_owned(),
-            )
-            .exec_without_returning(&txn)
-            .await?;
+            execution_step::Entity::insert_many(steps)
+                .on_conflict(commits::step_upsert())
+                .exec_without_returning(&txn)
+                .await?;
         }
         if !events.is_empty() {
             execution_event::Entity::insert_many(events.iter().map(event_row))
@@ -853,16 +848,9 @@ impl Store {
     /// Tells the other replicas (PostgreSQL) about `events` when the
     /// transaction commits.
     async fn announce(&self, txn: &impl ConnectionTrait, events: &[Event]) -> Result<()> {
-        let (Some(first), Some(last)) = (events.first(), events.last()) else {
+        let Some(payload) = self.announcement(events) else {
             return Ok(());
         };
-        if txn.get_database_backend() != sea_orm::DbBackend::Postgres {
-            return Ok(());
-        }
-        let payload = format!(
-            "{} {} {} {}",
-            self.replica, first.execution_id, first.sequence, last.sequence
-        );
         txn.execute_raw(sea_orm::Statement::from_sql_and_values(
             sea_orm::DbBackend::Postgres,
             "SELECT pg_notify($1, $2)",
@@ -870,6 +858,18 @@ impl Store {
         ))
         .await?;
         Ok(())
+    }
+
+    /// The notification payload announcing `events` to the other replicas:
+    /// `replica execution_id first_sequence last_sequence` (PostgreSQL only).
+    fn announcement(&self, events: &[Event]) -> Option<String> {
+        let (first, last) = (events.first()?, events.last()?);
+        self.is_shared().then(|| {
+            format!(
+                "{} {} {} {}",
+                self.replica, first.execution_id, first.sequence, last.sequence
+            )
+        })
     }
 
     pub async fn get_execution(&self, id: &str) -> Result<Execution> {
