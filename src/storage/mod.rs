@@ -4,6 +4,7 @@
 
 pub mod commits;
 pub mod entities;
+mod finished;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -149,6 +150,9 @@ pub struct Store {
     lease: Duration,
     /// Writes runners' state changes in groups.
     committer: commits::Committer,
+    /// Finished executions read recently, when this process is the only
+    /// writer (SQLite); `None` on PostgreSQL.
+    finished: Option<Arc<finished::FinishedCache>>,
 }
 
 impl Store {
@@ -162,6 +166,7 @@ impl Store {
             let reader = Database::connect(sqlite_options(url, 8)).await?;
             Self {
                 committer: commits::Committer::start(writer.clone(), Arc::clone(&replica)),
+                finished: Some(Arc::default()),
                 writer,
                 reader,
                 replica,
@@ -177,6 +182,7 @@ impl Store {
             Migrator::up(&pool, None).await?;
             Self {
                 committer: commits::Committer::start(pool.clone(), Arc::clone(&replica)),
+                finished: None,
                 writer: pool.clone(),
                 reader: pool,
                 replica,
@@ -842,6 +848,9 @@ impl Store {
             self.announce(&txn, events).await?;
         }
         txn.commit().await?;
+        if let Some(finished) = &self.finished {
+            finished.invalidate(&exec.id);
+        }
         Ok(())
     }
 
@@ -873,6 +882,19 @@ impl Store {
     }
 
     pub async fn get_execution(&self, id: &str) -> Result<Execution> {
+        let Some(finished) = &self.finished else {
+            return self.read_execution(id).await;
+        };
+        if let Some(exec) = finished.get(id) {
+            return Ok(Execution::clone(&exec));
+        }
+        let epoch = finished.epoch();
+        let exec = self.read_execution(id).await?;
+        finished.insert(&exec, epoch);
+        Ok(exec)
+    }
+
+    async fn read_execution(&self, id: &str) -> Result<Execution> {
         let row = execution::Entity::find_by_id(id.to_string())
             .one(&self.reader)
             .await?
