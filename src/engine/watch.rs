@@ -70,21 +70,30 @@ pub(super) async fn watch(shared: Arc<Shared>, id: &str, after: i64) -> Result<W
         return Err(Error::invalid("after_sequence", "must not be negative"));
     }
     let subscription = shared.hub.subscribe(id);
-    // Fails with NOT_FOUND before the stream starts.
-    let (status, _) = shared.store.execution_head(id).await?;
+    // The first batch is read here: events prove the execution exists;
+    // without any, its status says whether it exists (NOT_FOUND before the
+    // stream starts) and whether it has finished.
+    let first_batch = shared.store.events_after(id, after, CATCH_UP_BATCH).await?;
+    let finished_at_start =
+        first_batch.is_empty() && shared.store.execution_head(id).await?.0.is_terminal();
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
     let id = id.to_string();
     tokio::spawn(async move {
         let mut subscription = subscription;
         let mut sent = after;
-        let mut finished_at_start = status.is_terminal();
+        let mut finished_at_start = finished_at_start;
+        let mut first_batch = Some(first_batch);
         let mut idle = heartbeat(&shared);
         let mut missed = shared.hub.missed();
         loop {
             // Catch up from the database.
             let mut last_was_terminal = false;
             loop {
-                let batch = match shared.store.events_after(&id, sent, CATCH_UP_BATCH).await {
+                let read = match first_batch.take() {
+                    Some(batch) => Ok(batch),
+                    None => shared.store.events_after(&id, sent, CATCH_UP_BATCH).await,
+                };
+                let batch = match read {
                     Ok(batch) => batch,
                     Err(error) => {
                         let _ = tx.send(Err(error.into())).await;

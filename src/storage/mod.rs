@@ -2,9 +2,9 @@
 //! type, [`Store`]. SQLite (the embedded default) and PostgreSQL share all of
 //! it; the only difference is how connections are pooled.
 
+mod cache;
 pub mod commits;
 pub mod entities;
-mod finished;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -150,9 +150,18 @@ pub struct Store {
     lease: Duration,
     /// Writes runners' state changes in groups.
     committer: commits::Committer,
-    /// Finished executions read recently, when this process is the only
-    /// writer (SQLite); `None` on PostgreSQL.
-    finished: Option<Arc<finished::FinishedCache>>,
+    /// Recently read finished executions and latest pipeline versions,
+    /// when this process is the only writer (SQLite); `None` on PostgreSQL.
+    caches: Option<Arc<Caches>>,
+}
+
+/// See [`cache`].
+#[derive(Default)]
+struct Caches {
+    /// Finished executions, by id.
+    finished: cache::ReadCache<Execution>,
+    /// The latest version of each pipeline, by name.
+    pipelines: cache::ReadCache<Pipeline>,
 }
 
 impl Store {
@@ -166,7 +175,7 @@ impl Store {
             let reader = Database::connect(sqlite_options(url, 8)).await?;
             Self {
                 committer: commits::Committer::start(writer.clone(), Arc::clone(&replica)),
-                finished: Some(Arc::default()),
+                caches: Some(Arc::default()),
                 writer,
                 reader,
                 replica,
@@ -182,7 +191,7 @@ impl Store {
             Migrator::up(&pool, None).await?;
             Self {
                 committer: commits::Committer::start(pool.clone(), Arc::clone(&replica)),
-                finished: None,
+                caches: None,
                 writer: pool.clone(),
                 reader: pool,
                 replica,
@@ -447,6 +456,7 @@ impl Store {
             }
         })?;
         txn.commit().await?;
+        self.pipeline_changed(&spec.name);
         Ok(stored)
     }
 
@@ -470,11 +480,32 @@ impl Store {
             }
         })?;
         txn.commit().await?;
+        self.pipeline_changed(&spec.name);
         Ok(stored)
     }
 
     /// The latest version, or `version` if given.
     pub async fn get_pipeline(&self, name: &str, version: Option<i64>) -> Result<Pipeline> {
+        let (Some(caches), None) = (&self.caches, version) else {
+            return self.read_pipeline(name, version).await;
+        };
+        if let Some(pipeline) = caches.pipelines.get(name) {
+            return Ok(Pipeline::clone(&pipeline));
+        }
+        let epoch = caches.pipelines.epoch();
+        let pipeline = self.read_pipeline(name, None).await?;
+        caches.pipelines.insert(name, pipeline.clone(), epoch);
+        Ok(pipeline)
+    }
+
+    /// Forgets the cached latest version of `name`, after a write to it.
+    fn pipeline_changed(&self, name: &str) {
+        if let Some(caches) = &self.caches {
+            caches.pipelines.invalidate(name);
+        }
+    }
+
+    async fn read_pipeline(&self, name: &str, version: Option<i64>) -> Result<Pipeline> {
         let mut query = pipeline::Entity::find().filter(pipeline::Column::Name.eq(name));
         query = match version {
             Some(v) => query.filter(pipeline::Column::Version.eq(v)),
@@ -553,6 +584,7 @@ impl Store {
             .exec(&txn)
             .await?;
         txn.commit().await?;
+        self.pipeline_changed(name);
         Ok(())
     }
 
@@ -848,8 +880,8 @@ impl Store {
             self.announce(&txn, events).await?;
         }
         txn.commit().await?;
-        if let Some(finished) = &self.finished {
-            finished.invalidate(&exec.id);
+        if let Some(caches) = &self.caches {
+            caches.finished.invalidate(&exec.id);
         }
         Ok(())
     }
@@ -882,15 +914,19 @@ impl Store {
     }
 
     pub async fn get_execution(&self, id: &str) -> Result<Execution> {
-        let Some(finished) = &self.finished else {
+        let Some(caches) = &self.caches else {
             return self.read_execution(id).await;
         };
-        if let Some(exec) = finished.get(id) {
+        if let Some(exec) = caches.finished.get(id) {
             return Ok(Execution::clone(&exec));
         }
-        let epoch = finished.epoch();
+        let epoch = caches.finished.epoch();
         let exec = self.read_execution(id).await?;
-        finished.insert(&exec, epoch);
+        // Only finished ones: a retry (through `save` with an expected
+        // status) is the only write that changes them again.
+        if exec.status.is_terminal() {
+            caches.finished.insert(id, exec.clone(), epoch);
+        }
         Ok(exec)
     }
 
