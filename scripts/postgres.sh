@@ -49,8 +49,12 @@ pg_start() {
         return 1
     }
     PG_CTL=("${run[@]}" "$bin/pg_ctl")
+    # Tests need no durability; PG_DURABLE=1 (benchmarks) keeps PostgreSQL's
+    # defaults: every commit flushed to disk.
+    local speed="-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+    [ "${PG_DURABLE:-0}" = 1 ] && speed=""
     "${PG_CTL[@]}" -D "$PG_DIR/data" -l "$PG_DIR/server.log" -w -t 60 \
-        -o "-p $port -k $PG_DIR -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=400" \
+        -o "-p $port -k $PG_DIR -c listen_addresses=127.0.0.1 $speed -c max_connections=400" \
         start >/dev/null || {
         cat "$PG_DIR/server.log" >&2
         return 1
