@@ -172,3 +172,108 @@ pub fn step_upsert() -> OnConflict {
     ])
     .to_owned()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::domain::definition::PipelineSpec;
+    use crate::domain::model::{self, Event, Execution, StepRun, Trigger};
+    use crate::domain::status::{EventKind, ExecutionStatus, TriggerKind};
+    use crate::storage::{Store, StoreError};
+
+    async fn store(dir: &tempfile::TempDir) -> Store {
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("db").display());
+        Store::connect(&url, "replica-a", Duration::from_secs(60))
+            .await
+            .expect("open the store")
+    }
+
+    /// An admitted (pending, leased) execution of a one-step pipeline.
+    async fn admitted(store: &Store, spec: &PipelineSpec) -> Execution {
+        let mut exec = Execution {
+            id: String::new(),
+            pipeline_name: spec.name.clone(),
+            pipeline_version: 1,
+            definition: spec.clone(),
+            status: ExecutionStatus::Pending,
+            trigger: Trigger {
+                kind: TriggerKind::Manual,
+                data: Default::default(),
+            },
+            correlation_id: String::new(),
+            labels: Default::default(),
+            input: Default::default(),
+            execution_data: Default::default(),
+            error_message: String::new(),
+            created_at: model::now(),
+            started_at: None,
+            finished_at: None,
+            last_sequence: 0,
+            steps: vec![StepRun::new("only".into())],
+            request_id: None,
+            request_fingerprint: String::new(),
+            deadline: None,
+        };
+        store.admit_execution(&mut exec, None).await.expect("admit");
+        exec
+    }
+
+    /// The execution started, with its event: the change a runner saves.
+    fn started(exec: &Execution) -> (Execution, Vec<Event>) {
+        let mut exec = exec.clone();
+        exec.status = ExecutionStatus::Running;
+        exec.last_sequence += 1;
+        let event = Event::new(&exec, exec.last_sequence, EventKind::ExecutionStarted);
+        (exec, vec![event])
+    }
+
+    #[tokio::test]
+    async fn a_stale_change_is_refused_without_failing_the_others_in_its_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let spec: PipelineSpec =
+            serde_yaml_ng::from_str("name: p\nsteps:\n- {name: only, noop: {}}\n").unwrap();
+        store.create_pipeline(&spec).await.unwrap();
+        let executions: Vec<Execution> =
+            futures::future::join_all((0..3).map(|_| admitted(&store, &spec))).await;
+        let (a, a_events) = started(&executions[0]);
+        let (b, b_events) = started(&executions[1]);
+        // A copy that believes it is one event further than it is: its
+        // events would not continue the stored log.
+        let (mut stale, _) = started(&executions[2]);
+        stale.last_sequence += 1;
+        let stale_events = vec![Event::new(
+            &stale,
+            stale.last_sequence,
+            EventKind::ExecutionStarted,
+        )];
+
+        // Sent together, so that they are written in one transaction.
+        let (saved_a, saved_stale, saved_b) = tokio::join!(
+            store.save(&a, &[], &a_events, None),
+            store.save(&stale, &[], &stale_events, None),
+            store.save(&b, &[], &b_events, None),
+        );
+        saved_a.expect("a is committed");
+        saved_b.expect("b is committed");
+        assert!(
+            matches!(saved_stale, Err(StoreError::LeaseLost(_))),
+            "{saved_stale:?}"
+        );
+
+        for (exec, status, events) in [
+            (&a, ExecutionStatus::Running, 1),
+            (&b, ExecutionStatus::Running, 1),
+            (&executions[2], ExecutionStatus::Pending, 0),
+        ] {
+            let stored = store.get_execution(&exec.id).await.unwrap();
+            assert_eq!(stored.status, status);
+            assert_eq!(stored.last_sequence, events);
+            assert_eq!(
+                store.events_after(&exec.id, 0, 10).await.unwrap().len(),
+                events as usize
+            );
+        }
+    }
+}
