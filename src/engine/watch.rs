@@ -73,9 +73,14 @@ pub(super) async fn watch(shared: Arc<Shared>, id: &str, after: i64) -> Result<W
     // The first batch is read here: events prove the execution exists;
     // without any, its status says whether it exists (NOT_FOUND before the
     // stream starts) and whether it has finished.
-    let first_batch = shared.store.events_after(id, after, CATCH_UP_BATCH).await?;
-    let finished_at_start =
-        first_batch.is_empty() && shared.store.execution_head(id).await?.0.is_terminal();
+    let mut first_batch = shared.store.events_after(id, after, CATCH_UP_BATCH).await?;
+    let mut finished_at_start = false;
+    if first_batch.is_empty() && shared.store.execution_head(id).await?.0.is_terminal() {
+        finished_at_start = true;
+        // It may have run to its end between the two reads: read again,
+        // now that every event it will have is committed.
+        first_batch = shared.store.events_after(id, after, CATCH_UP_BATCH).await?;
+    }
     let (tx, rx) = mpsc::channel(STREAM_BUFFER);
     let id = id.to_string();
     tokio::spawn(async move {

@@ -8,6 +8,12 @@
 //! replica lost the lease, or a stale copy) is left out of the transaction
 //! and answered [`StoreError::LeaseLost`]; the others commit. Nothing is
 //! answered before the transaction commits.
+//!
+//! On SQLite, admissions of new executions go through here too, in arrival
+//! order with the changes: the single writer serialises them anyway, and
+//! this saves each its own transaction. An admission refused for a reason of
+//! its own (a reused request id, a concurrency cap) has written nothing and
+//! does not affect the others; a database error fails the whole group.
 
 use sea_orm::sea_query::OnConflict;
 use sea_orm::{
@@ -17,7 +23,9 @@ use sea_orm::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::entities::{execution, execution_event, execution_step};
-use super::{Result, StoreError};
+use super::{Admission, Result, Store, StoreError};
+use crate::domain::definition::ConcurrencyPolicy;
+use crate::domain::model::Execution;
 
 /// Most changes written in one transaction.
 const MAX_BATCH: usize = 128;
@@ -37,7 +45,25 @@ pub struct Change {
     pub announcement: Option<String>,
 }
 
-type Request = (Change, oneshot::Sender<Result<()>>);
+/// A new execution to admit (see [`Store::admit_execution`]).
+pub struct Admit {
+    pub store: Store,
+    pub exec: Execution,
+    pub cap: Option<ConcurrencyPolicy>,
+}
+
+type Admitted = Result<(Admission, Execution)>;
+
+enum Request {
+    Change(Box<Change>, oneshot::Sender<Result<()>>),
+    Admit(Box<Admit>, oneshot::Sender<Admitted>),
+}
+
+/// What a request comes to once its group is committed.
+enum Outcome {
+    Change(Result<()>),
+    Admit(Box<Admitted>),
+}
 
 /// The sending side of the group-commit task.
 #[derive(Clone)]
@@ -58,13 +84,25 @@ impl Committer {
     /// it is committed (or refused).
     pub async fn commit(&self, change: Change) -> Result<()> {
         let (reply, answer) = oneshot::channel();
-        self.requests
-            .send((change, reply))
-            .map_err(|_| StoreError::Database(DbErr::Custom("the store is closed".into())))?;
-        answer
-            .await
-            .map_err(|_| StoreError::Database(DbErr::Custom("the store is closed".into())))?
+        self.send(Request::Change(Box::new(change), reply))?;
+        answer.await.map_err(|_| closed())?
     }
+
+    /// Admits an execution with whatever changes are waiting; returns once
+    /// it is committed (or refused), with the execution as admitted.
+    pub async fn admit(&self, admit: Admit) -> Admitted {
+        let (reply, answer) = oneshot::channel();
+        self.send(Request::Admit(Box::new(admit), reply))?;
+        answer.await.map_err(|_| closed())?
+    }
+
+    fn send(&self, request: Request) -> Result<()> {
+        self.requests.send(request).map_err(|_| closed())
+    }
+}
+
+fn closed() -> StoreError {
+    StoreError::Database(DbErr::Custom("the store is closed".into()))
 }
 
 async fn run(
@@ -80,36 +118,92 @@ async fn run(
                 Err(_) => break,
             }
         }
-        let (changes, replies): (Vec<Change>, Vec<_>) = batch.into_iter().unzip();
-        match write(&writer, &replica, changes).await {
+        let mut replies = Vec::with_capacity(batch.len());
+        let mut work = Vec::with_capacity(batch.len());
+        for request in batch {
+            match request {
+                Request::Change(change, reply) => {
+                    work.push(Work::Change(change));
+                    replies.push(Reply::Change(reply));
+                }
+                Request::Admit(admit, reply) => {
+                    work.push(Work::Admit(admit));
+                    replies.push(Reply::Admit(reply));
+                }
+            }
+        }
+        match write(&writer, &replica, work).await {
             Ok(outcomes) => {
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                    let _ = reply.send(outcome);
+                    match (reply, outcome) {
+                        (Reply::Change(reply), Outcome::Change(outcome)) => {
+                            let _ = reply.send(outcome);
+                        }
+                        (Reply::Admit(reply), Outcome::Admit(outcome)) => {
+                            let _ = reply.send(*outcome);
+                        }
+                        _ => unreachable!("outcomes follow their requests"),
+                    }
                 }
             }
             Err(error) => {
-                // The whole transaction failed: every change is answered
-                // with the error (the runners retry).
+                // The whole transaction failed: every request is answered
+                // with the error (runners retry their changes).
                 for reply in replies {
-                    let _ = reply.send(Err(StoreError::Database(error.clone())));
+                    let error = StoreError::Database(error.clone());
+                    match reply {
+                        Reply::Change(reply) => {
+                            let _ = reply.send(Err(error));
+                        }
+                        Reply::Admit(reply) => {
+                            let _ = reply.send(Err(error));
+                        }
+                    }
                 }
             }
         }
     }
 }
 
-/// Writes `changes` in one transaction; the outcome of each, in order.
+enum Work {
+    Change(Box<Change>),
+    Admit(Box<Admit>),
+}
+
+enum Reply {
+    Change(oneshot::Sender<Result<()>>),
+    Admit(oneshot::Sender<Admitted>),
+}
+
+/// Writes `work` in one transaction; the outcome of each, in order.
 async fn write(
     writer: &DatabaseConnection,
     replica: &str,
-    changes: Vec<Change>,
-) -> std::result::Result<Vec<Result<()>>, DbErr> {
+    work: Vec<Work>,
+) -> std::result::Result<Vec<Outcome>, DbErr> {
     let txn = writer.begin().await?;
-    let mut outcomes = Vec::with_capacity(changes.len());
+    let mut outcomes = Vec::with_capacity(work.len());
     let mut steps = Vec::new();
     let mut events = Vec::new();
     let mut announcements = Vec::new();
-    for change in changes {
+    for item in work {
+        let change = match item {
+            Work::Change(change) => *change,
+            Work::Admit(admit) => {
+                let Admit {
+                    store,
+                    mut exec,
+                    cap,
+                } = *admit;
+                match store.admit_in(&txn, &mut exec, cap.as_ref()).await {
+                    Ok(admission) => outcomes.push(Outcome::Admit(Box::new(Ok((admission, exec))))),
+                    // It may have written part of itself: nothing commits.
+                    Err(StoreError::Database(error)) => return Err(error),
+                    Err(refused) => outcomes.push(Outcome::Admit(Box::new(Err(refused)))),
+                }
+                continue;
+            }
+        };
         let updated = execution::Entity::update_many()
             .set(change.execution)
             .filter(execution::Column::Id.eq(&change.execution_id))
@@ -119,10 +213,12 @@ async fn write(
             .await?
             .rows_affected;
         if updated != 1 {
-            outcomes.push(Err(StoreError::LeaseLost(change.execution_id)));
+            outcomes.push(Outcome::Change(Err(StoreError::LeaseLost(
+                change.execution_id,
+            ))));
             continue;
         }
-        outcomes.push(Ok(()));
+        outcomes.push(Outcome::Change(Ok(())));
         steps.extend(change.steps);
         events.extend(change.events);
         announcements.extend(change.announcement);

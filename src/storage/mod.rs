@@ -600,23 +600,53 @@ impl Store {
     /// lock, so that id order is admission order: queued executions start in
     /// id order, and none of them can have been created before one that was
     /// admitted ahead of it.
+    ///
+    /// On SQLite the admission is written by the group committer, in the
+    /// same transaction as whatever runners' writes are waiting (the single
+    /// writer serialises admissions all the same); on PostgreSQL in a
+    /// transaction of its own, under an advisory lock on the pipeline.
     pub async fn admit_execution(
         &self,
         exec: &mut Execution,
         cap: Option<&ConcurrencyPolicy>,
     ) -> Result<Admission> {
+        if !self.is_shared() {
+            let (admission, admitted) = self
+                .committer
+                .admit(commits::Admit {
+                    store: self.clone(),
+                    exec: exec.clone(),
+                    cap: cap.cloned(),
+                })
+                .await?;
+            *exec = admitted;
+            return Ok(admission);
+        }
         let txn = self.writer.begin().await?;
-        lock_pipeline(&txn, &exec.pipeline_name).await?;
+        let admission = self.admit_in(&txn, exec, cap).await?;
+        txn.commit().await?;
+        Ok(admission)
+    }
+
+    /// The admission of [`Self::admit_execution`] inside `txn`, which the
+    /// caller commits. It writes nothing unless it returns `Created`.
+    pub(crate) async fn admit_in(
+        &self,
+        txn: &impl ConnectionTrait,
+        exec: &mut Execution,
+        cap: Option<&ConcurrencyPolicy>,
+    ) -> Result<Admission> {
+        lock_pipeline(txn, &exec.pipeline_name).await?;
         if let Some(request_id) = &exec.request_id {
             let existing = execution::Entity::find()
                 .filter(execution::Column::RequestId.eq(request_id))
-                .one(&txn)
+                .one(txn)
                 .await?;
             if let Some(row) = existing {
                 if row.request_fingerprint != exec.request_fingerprint {
                     return Err(StoreError::RequestIdReused(request_id.clone()));
                 }
-                let steps = steps_of(&txn, &row.id).await?;
+                let steps = steps_of(txn, &row.id).await?;
                 return Ok(Admission::Existing(Box::new(execution_from_rows(
                     row, steps,
                 )?)));
@@ -641,7 +671,7 @@ impl Store {
                 )
                 .order_by_asc(execution::Column::Id)
                 .into_tuple()
-                .all(&txn)
+                .all(txn)
                 .await?;
             let queued = holding
                 .iter()
@@ -685,7 +715,7 @@ impl Store {
             row.lease_expires_at = Set(Some(self.lease_until()));
         }
         execution::Entity::insert(row)
-            .exec_without_returning(&txn)
+            .exec_without_returning(txn)
             .await
             .map_err(|error| match (&exec.request_id, error.sql_err()) {
                 // Another pipeline's execution took the id first.
@@ -700,7 +730,7 @@ impl Store {
                 .enumerate()
                 .map(|(i, s)| step_row(&exec.id, i, s)),
         )
-        .exec_without_returning(&txn)
+        .exec_without_returning(txn)
         .await?;
         if !exec.labels.is_empty() {
             execution_label::Entity::insert_many(exec.labels.iter().map(|(key, value)| {
@@ -710,7 +740,7 @@ impl Store {
                     value: Set(value.clone()),
                 }
             }))
-            .exec_without_returning(&txn)
+            .exec_without_returning(txn)
             .await?;
         }
         if exec.status == ExecutionStatus::Queued {
@@ -725,14 +755,13 @@ impl Store {
             execution::Entity::update_many()
                 .col_expr(execution::Column::LastSequence, 1.into())
                 .filter(execution::Column::Id.eq(&exec.id))
-                .exec(&txn)
+                .exec(txn)
                 .await?;
             execution_event::Entity::insert(event_row(&event))
-                .exec_without_returning(&txn)
+                .exec_without_returning(txn)
                 .await?;
-            self.announce(&txn, std::slice::from_ref(&event)).await?;
+            self.announce(txn, std::slice::from_ref(&event)).await?;
         }
-        txn.commit().await?;
         Ok(Admission::Created { to_cancel })
     }
 
