@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use futures::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -24,7 +23,7 @@ use super::steps::{self, Attempt, Reporter, StepFailure, StepOutcome, StepReport
 use crate::domain::Error;
 use crate::domain::condition;
 use crate::domain::data::JsonMap;
-use crate::domain::definition::{Graph, StepKind};
+use crate::domain::definition::Graph;
 use crate::domain::limits;
 use crate::domain::model::{self, Event, Execution};
 use crate::domain::status::{CancelMode, EventKind, ExecutionStatus, LogStream, StepStatus};
@@ -380,6 +379,15 @@ impl Runner {
                         .is_none_or(|at| at <= now)
                 })
                 .collect();
+            // Conditions may take up to a second each: what is staged is
+            // committed (and published) first, not held behind them.
+            if ready
+                .iter()
+                .any(|&i| !self.exec.definition.steps[i].when.is_empty())
+                && !self.commit_staged().await
+            {
+                return false;
+            }
             let mut started = Vec::new();
             let mut changed = Vec::new();
             let mut events = Vec::new();
@@ -475,45 +483,24 @@ impl Runner {
     fn spawn_attempt(&mut self, index: usize) {
         let cancel = CancellationToken::new();
         self.running.insert(index, cancel.clone());
+        if let Some(outcome) = steps::instant(&self.exec.definition.steps[index].kind) {
+            // No task of its own, no wake-up: the outcome is read by the
+            // next turn of `drive`.
+            let _ = self.finished_tx.send(Finished {
+                index,
+                outcome,
+                dropped: 0,
+            });
+            return;
+        }
         let spec = self.exec.definition.steps[index].clone();
-        let mut input = self.exec.step_input(&self.graph, index);
+        let input = self.exec.step_input(&self.graph, index);
         let execution_id = self.exec.id.clone();
         let pipeline_name = self.exec.pipeline_name.clone();
         let attempt = self.exec.steps[index].attempt;
         let shared = Arc::clone(&self.shared);
         let finished = self.finished_tx.clone();
         let reporter = Reporter::new(index, attempt, self.reports_tx.clone());
-        if matches!(
-            spec.kind,
-            StepKind::Noop {} | StepKind::Set { .. } | StepKind::Fail { .. }
-        ) {
-            // Built-in steps that finish at once: no task of their own, no
-            // wake-up; the outcome is read by the next turn of `drive`.
-            let outcome = steps::run(Attempt {
-                kind: &spec.kind,
-                execution_id: &execution_id,
-                pipeline_name: &pipeline_name,
-                step_name: &spec.name,
-                attempt,
-                input: std::mem::take(&mut input),
-                timeout: spec.timeout,
-                commands: &shared.config.commands,
-                processes: shared.processes.as_ref(),
-                reporter: &reporter,
-                cancel: cancel.clone(),
-            })
-            .now_or_never();
-            if let Some(outcome) = outcome {
-                let _ = finished.send(Finished {
-                    index,
-                    outcome,
-                    dropped: 0,
-                });
-                return;
-            }
-            // Not expected; run it as a task like any other step.
-            input = self.exec.step_input(&self.graph, index);
-        }
         tokio::spawn(async move {
             let outcome = steps::run(Attempt {
                 kind: &spec.kind,

@@ -112,6 +112,29 @@ fn check_output(output: JsonMap) -> Result<JsonMap, StepFailure> {
         .map_err(|problem| StepFailure::new("output_too_large", format!("the output {problem}")))
 }
 
+/// The outcome of a built-in step that finishes at once (`noop`, `set`,
+/// `fail`) without running it as a task; `None` for every other kind.
+pub fn instant(kind: &StepKind) -> Option<StepOutcome> {
+    let result = match kind {
+        StepKind::Noop {} => Ok(JsonMap::new()),
+        StepKind::Set { values } => Ok(values.clone()),
+        StepKind::Fail { message } => Err(failure(message)),
+        _ => return None,
+    };
+    Some(match result.and_then(check_output) {
+        Ok(output) => StepOutcome::Succeeded(output),
+        Err(failure) => StepOutcome::Failed(failure),
+    })
+}
+
+fn failure(message: &str) -> StepFailure {
+    if message.is_empty() {
+        StepFailure::new("failed", "step failed")
+    } else {
+        StepFailure::new("failed", message.to_string())
+    }
+}
+
 async fn execute(attempt: &Attempt<'_>) -> Result<JsonMap, StepFailure> {
     match attempt.kind {
         StepKind::Noop {} => Ok(JsonMap::new()),
@@ -119,10 +142,7 @@ async fn execute(attempt: &Attempt<'_>) -> Result<JsonMap, StepFailure> {
             tokio::time::sleep(*duration).await;
             Ok(JsonMap::new())
         }
-        StepKind::Fail { message } if message.is_empty() => {
-            Err(StepFailure::new("failed", "step failed"))
-        }
-        StepKind::Fail { message } => Err(StepFailure::new("failed", message.clone())),
+        StepKind::Fail { message } => Err(failure(message)),
         StepKind::Set { values } => Ok(values.clone()),
         StepKind::Command(spec) => run_command(spec, attempt).await,
         StepKind::Http(spec) => http::run(spec, attempt).await,

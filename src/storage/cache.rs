@@ -73,8 +73,31 @@ impl<V> ReadCache<V> {
         }
     }
 
+    /// Invalidates `key` when the returned guard is dropped: arm it before
+    /// committing a write, so that the invalidation happens even if the
+    /// caller is dropped (a deadline, a cancelled call) while the commit,
+    /// which goes ahead regardless, is awaited.
+    pub fn invalidate_on_drop(&self, key: &str) -> InvalidateOnDrop<'_, V> {
+        InvalidateOnDrop {
+            cache: self,
+            key: key.to_string(),
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner<V>> {
         self.inner.lock().expect("read cache lock")
+    }
+}
+
+/// See [`ReadCache::invalidate_on_drop`].
+pub struct InvalidateOnDrop<'a, V> {
+    cache: &'a ReadCache<V>,
+    key: String,
+}
+
+impl<V> Drop for InvalidateOnDrop<'_, V> {
+    fn drop(&mut self) {
+        self.cache.invalidate(&self.key);
     }
 }
 
@@ -91,7 +114,7 @@ mod tests {
         assert!(cache.get("a").is_none());
         cache.insert("a", 2, cache.epoch());
         assert_eq!(cache.get("a").as_deref(), Some(&2));
-        cache.invalidate("a");
+        drop(cache.invalidate_on_drop("a"));
         assert!(cache.get("a").is_none());
     }
 

@@ -16,10 +16,7 @@
 //! does not affect the others; a database error fails the whole group.
 
 use sea_orm::sea_query::OnConflict;
-use sea_orm::{
-    ColumnTrait, ConnectionTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter,
-    TransactionTrait,
-};
+use sea_orm::{ColumnTrait, DatabaseConnection, DbErr, EntityTrait, QueryFilter, TransactionTrait};
 use tokio::sync::{mpsc, oneshot};
 
 use super::entities::{execution, execution_event, execution_step};
@@ -30,8 +27,10 @@ use crate::domain::model::Execution;
 /// Most changes written in one transaction.
 const MAX_BATCH: usize = 128;
 /// Most rows in one `INSERT` (SQLite allows 32766 bound values; a row has
-/// at most 12 columns).
+/// at most 13 columns).
 const MAX_ROWS_PER_INSERT: usize = 1000;
+/// How long requests are written one at a time after a group failed.
+const ALONE_AFTER_FAILURE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// One runner's state change, as rows.
 pub struct Change {
@@ -110,9 +109,17 @@ async fn run(
     replica: std::sync::Arc<str>,
     mut receiver: mpsc::UnboundedReceiver<Request>,
 ) {
+    // After a group failed, requests are written one at a time for a while,
+    // so that one that fails every time (its runner retries it) fails alone
+    // instead of taking other groups down with it.
+    let mut alone_until: Option<tokio::time::Instant> = None;
     while let Some(first) = receiver.recv().await {
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
+        let limit = match alone_until {
+            Some(until) if tokio::time::Instant::now() < until => 1,
+            _ => MAX_BATCH,
+        };
+        while batch.len() < limit {
             match receiver.try_recv() {
                 Ok(request) => batch.push(request),
                 Err(_) => break,
@@ -149,6 +156,9 @@ async fn run(
             Err(error) => {
                 // The whole transaction failed: every request is answered
                 // with the error (runners retry their changes).
+                if replies.len() > 1 {
+                    alone_until = Some(tokio::time::Instant::now() + ALONE_AFTER_FAILURE);
+                }
                 for reply in replies {
                     let error = StoreError::Database(error.clone());
                     match reply {
@@ -181,12 +191,21 @@ async fn write(
     replica: &str,
     work: Vec<Work>,
 ) -> std::result::Result<Vec<Outcome>, DbErr> {
+    // Rows are updated in id order, the order in which lease renewals lock
+    // them too, so that two transactions cannot deadlock (PostgreSQL).
+    let mut order: Vec<usize> = (0..work.len()).collect();
+    order.sort_by(|&a, &b| work_key(&work[a]).cmp(work_key(&work[b])));
+    let mut work: Vec<Option<Work>> = work.into_iter().map(Some).collect();
+    let mut outcomes: Vec<Option<Outcome>> = work.iter().map(|_| None).collect();
     let txn = writer.begin().await?;
-    let mut outcomes = Vec::with_capacity(work.len());
     let mut steps = Vec::new();
     let mut events = Vec::new();
     let mut announcements = Vec::new();
-    for item in work {
+    for index in order {
+        let Some(item) = work[index].take() else {
+            continue;
+        };
+        let outcome = &mut outcomes[index];
         let change = match item {
             Work::Change(change) => *change,
             Work::Admit(admit) => {
@@ -195,12 +214,13 @@ async fn write(
                     mut exec,
                     cap,
                 } = *admit;
-                match store.admit_in(&txn, &mut exec, cap.as_ref()).await {
-                    Ok(admission) => outcomes.push(Outcome::Admit(Box::new(Ok((admission, exec))))),
+                let admitted = match store.admit_in(&txn, &mut exec, cap.as_ref()).await {
+                    Ok(admission) => Ok((admission, exec)),
                     // It may have written part of itself: nothing commits.
                     Err(StoreError::Database(error)) => return Err(error),
-                    Err(refused) => outcomes.push(Outcome::Admit(Box::new(Err(refused)))),
-                }
+                    Err(refused) => Err(refused),
+                };
+                *outcome = Some(Outcome::Admit(Box::new(admitted)));
                 continue;
             }
         };
@@ -213,12 +233,12 @@ async fn write(
             .await?
             .rows_affected;
         if updated != 1 {
-            outcomes.push(Outcome::Change(Err(StoreError::LeaseLost(
+            *outcome = Some(Outcome::Change(Err(StoreError::LeaseLost(
                 change.execution_id,
             ))));
             continue;
         }
-        outcomes.push(Outcome::Change(Ok(())));
+        *outcome = Some(Outcome::Change(Ok(())));
         steps.extend(change.steps);
         events.extend(change.events);
         announcements.extend(change.announcement);
@@ -237,15 +257,22 @@ async fn write(
             .await?;
     }
     for payload in announcements {
-        txn.execute_raw(sea_orm::Statement::from_sql_and_values(
-            sea_orm::DbBackend::Postgres,
-            "SELECT pg_notify($1, $2)",
-            [super::EVENTS_CHANNEL.into(), payload.into()],
-        ))
-        .await?;
+        super::notify(&txn, super::EVENTS_CHANNEL, payload).await?;
     }
     txn.commit().await?;
-    Ok(outcomes)
+    Ok(outcomes
+        .into_iter()
+        .map(|outcome| outcome.expect("every request has an outcome"))
+        .collect())
+}
+
+/// The key groups are written in: admissions first, then changes by
+/// execution id.
+fn work_key(work: &Work) -> &str {
+    match work {
+        Work::Admit(_) => "",
+        Work::Change(change) => &change.execution_id,
+    }
 }
 
 /// Step rows are inserted once at admission and updated afterwards.

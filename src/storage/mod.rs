@@ -338,12 +338,7 @@ impl Store {
             .await?
             .rows_affected;
         if updated == 1 && txn.get_database_backend() == sea_orm::DbBackend::Postgres {
-            txn.execute_raw(sea_orm::Statement::from_sql_and_values(
-                sea_orm::DbBackend::Postgres,
-                "SELECT pg_notify($1, $2)",
-                [REQUESTS_CHANNEL.into(), id.into()],
-            ))
-            .await?;
+            notify(&txn, REQUESTS_CHANNEL, id.to_string()).await?;
         }
         txn.commit().await?;
         Ok(true)
@@ -365,7 +360,9 @@ impl Store {
             // Locked, so that a request written meanwhile waits for the
             // clear below instead of being erased by it.
             if txn.get_database_backend() == sea_orm::DbBackend::Postgres {
-                query = query.lock(sea_orm::sea_query::LockType::Update);
+                query = query
+                    .lock(sea_orm::sea_query::LockType::Update)
+                    .order_by_asc(execution::Column::Id);
             }
             let taken: Vec<(String, String)> = query.into_tuple().all(&txn).await?;
             if !taken.is_empty() {
@@ -400,7 +397,9 @@ impl Store {
                     execution::Column::Status.is_in(SLOT_STATUSES.map(ExecutionStatus::as_str)),
                 );
             if txn.get_database_backend() == sea_orm::DbBackend::Postgres {
-                query = query.lock(sea_orm::sea_query::LockType::Update);
+                query = query
+                    .lock(sea_orm::sea_query::LockType::Update)
+                    .order_by_asc(execution::Column::Id);
             }
             let mine: Vec<String> = query.into_tuple().all(&txn).await?;
             if !mine.is_empty() {
@@ -455,8 +454,8 @@ impl Store {
                 e
             }
         })?;
+        let _changed = self.pipeline_changed(&spec.name);
         txn.commit().await?;
-        self.pipeline_changed(&spec.name);
         Ok(stored)
     }
 
@@ -479,8 +478,8 @@ impl Store {
                 e
             }
         })?;
+        let _changed = self.pipeline_changed(&spec.name);
         txn.commit().await?;
-        self.pipeline_changed(&spec.name);
         Ok(stored)
     }
 
@@ -498,11 +497,12 @@ impl Store {
         Ok(pipeline)
     }
 
-    /// Forgets the cached latest version of `name`, after a write to it.
-    fn pipeline_changed(&self, name: &str) {
-        if let Some(caches) = &self.caches {
-            caches.pipelines.invalidate(name);
-        }
+    /// Forgets the cached latest version of `name` when dropped: hold it
+    /// across the commit of a write to that pipeline.
+    fn pipeline_changed(&self, name: &str) -> Option<cache::InvalidateOnDrop<'_, Pipeline>> {
+        self.caches
+            .as_ref()
+            .map(|caches| caches.pipelines.invalidate_on_drop(name))
     }
 
     async fn read_pipeline(&self, name: &str, version: Option<i64>) -> Result<Pipeline> {
@@ -583,8 +583,8 @@ impl Store {
             .filter(pipeline::Column::Name.eq(name))
             .exec(&txn)
             .await?;
+        let _changed = self.pipeline_changed(name);
         txn.commit().await?;
-        self.pipeline_changed(name);
         Ok(())
     }
 
@@ -908,10 +908,11 @@ impl Store {
                 .await?;
             self.announce(&txn, events).await?;
         }
+        let _changed = self
+            .caches
+            .as_ref()
+            .map(|caches| caches.finished.invalidate_on_drop(&exec.id));
         txn.commit().await?;
-        if let Some(caches) = &self.caches {
-            caches.finished.invalidate(&exec.id);
-        }
         Ok(())
     }
 
@@ -921,13 +922,7 @@ impl Store {
         let Some(payload) = self.announcement(events) else {
             return Ok(());
         };
-        txn.execute_raw(sea_orm::Statement::from_sql_and_values(
-            sea_orm::DbBackend::Postgres,
-            "SELECT pg_notify($1, $2)",
-            [EVENTS_CHANNEL.into(), payload.into()],
-        ))
-        .await?;
-        Ok(())
+        Ok(notify(txn, EVENTS_CHANNEL, payload).await?)
     }
 
     /// The notification payload announcing `events` to the other replicas:
@@ -1087,6 +1082,22 @@ async fn steps_of(db: &impl ConnectionTrait, id: &str) -> Result<Vec<execution_s
         .order_by_asc(execution_step::Column::Position)
         .all(db)
         .await?)
+}
+
+/// `pg_notify(channel, payload)`: delivered to listeners when `db`'s
+/// transaction commits (PostgreSQL).
+async fn notify(
+    db: &impl ConnectionTrait,
+    channel: &str,
+    payload: String,
+) -> std::result::Result<(), DbErr> {
+    db.execute_raw(sea_orm::Statement::from_sql_and_values(
+        sea_orm::DbBackend::Postgres,
+        "SELECT pg_notify($1, $2)",
+        [channel.into(), payload.into()],
+    ))
+    .await?;
+    Ok(())
 }
 
 /// Serialises admissions of one pipeline across connections and servers. On
