@@ -145,7 +145,7 @@ pub async fn serve(
         .layer(RequestContextLayer)
         .layer(DeadlineLayer)
         .layer(tower::util::MapResponseLayer::new(
-            decode_errors::invalid_argument_for_undecodable,
+            decode_errors::precise_status_for_undecodable,
         ))
         .add_service(health_service)
         .add_service(reflection_v1)

@@ -13,41 +13,44 @@
 
 use tonic::codegen::http::{HeaderValue, Response};
 
-/// The start of the message tonic gives undecodable requests, as it is
-/// written in the `grpc-message` header (percent-encoded).
-const DECODE_FAILURE: &str = "failed%20to%20decode%20Protobuf%20message";
-
-/// The start of the message tonic gives requests over the size limit.
-const TOO_LARGE: &str = "Error,%20decoded%20message%20length%20too%20large";
+/// tonic's answers to requests it could not decode, and the precise status
+/// for each: (tonic's status, the starts of its `grpc-message`, percent-encoded
+/// as sent and plain, the status answered instead).
+const REWRITES: [(&str, [&str; 2], &str); 2] = [
+    // INTERNAL "failed to decode Protobuf message: …" → INVALID_ARGUMENT.
+    (
+        "13",
+        [
+            "failed%20to%20decode%20Protobuf%20message",
+            "failed to decode",
+        ],
+        "3",
+    ),
+    // OUT_OF_RANGE "Error, decoded message length too large …" → RESOURCE_EXHAUSTED.
+    (
+        "11",
+        [
+            "Error,%20decoded%20message%20length%20too%20large",
+            "Error, decoded message length too large",
+        ],
+        "8",
+    ),
+];
 
 /// Rewrites the status of a trailers-only answer to an undecodable or
 /// oversized request.
-pub fn invalid_argument_for_undecodable<B>(mut response: Response<B>) -> Response<B> {
+pub fn precise_status_for_undecodable<B>(mut response: Response<B>) -> Response<B> {
     let headers = response.headers_mut();
-    let internal = headers
-        .get("grpc-status")
-        .is_some_and(|status| status == "13");
-    let undecodable = headers
-        .get("grpc-message")
-        .and_then(|message| message.to_str().ok())
-        .is_some_and(|message| {
-            message.starts_with(DECODE_FAILURE) || message.starts_with("failed to decode")
-        });
-    if internal && undecodable {
-        headers.insert("grpc-status", HeaderValue::from_static("3"));
-    }
-    let out_of_range = headers
-        .get("grpc-status")
-        .is_some_and(|status| status == "11");
-    let too_large = headers
-        .get("grpc-message")
-        .and_then(|message| message.to_str().ok())
-        .is_some_and(|message| {
-            message.starts_with(TOO_LARGE)
-                || message.starts_with("Error, decoded message length too large")
-        });
-    if out_of_range && too_large {
-        headers.insert("grpc-status", HeaderValue::from_static("8"));
+    let status = headers.get("grpc-status").and_then(|s| s.to_str().ok());
+    let message = headers.get("grpc-message").and_then(|m| m.to_str().ok());
+    let (Some(status), Some(message)) = (status, message) else {
+        return response;
+    };
+    let rewrite = REWRITES.iter().find(|(from, starts, _)| {
+        status == *from && starts.iter().any(|start| message.starts_with(start))
+    });
+    if let Some((_, _, to)) = rewrite {
+        headers.insert("grpc-status", HeaderValue::from_static(to));
     }
     response
 }
