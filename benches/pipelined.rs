@@ -174,12 +174,8 @@ async fn child_main(args: Args) -> anyhow::Result<()> {
         data_dir,
         database_url: args.database_url,
         max_parallel_steps: args.max_parallel_steps,
-        allow_commands: Vec::new(),
         shutdown_grace: Duration::from_secs(1),
-        heartbeat_interval: Duration::from_secs(15),
-        replica_id: None,
-        lease: Duration::from_secs(15),
-        cors_allow_origins: Vec::new(),
+        ..Default::default()
     };
     pipelined::server::serve(config, api, pipelined::server::signal()).await
 }

@@ -49,6 +49,24 @@ pub struct ServeConfig {
     pub cors_allow_origins: Vec<String>,
 }
 
+impl Default for ServeConfig {
+    /// The defaults of `pipelined serve`'s flags.
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            data_dir: PathBuf::from("./data"),
+            database_url: None,
+            max_parallel_steps: 16,
+            allow_commands: Vec::new(),
+            shutdown_grace: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(15),
+            replica_id: None,
+            lease: Duration::from_secs(15),
+            cors_allow_origins: Vec::new(),
+        }
+    }
+}
+
 impl ServeConfig {
     /// The replica id in effect: the configured one, or the one kept in
     /// `<data-dir>/replica-id`, created on first use.

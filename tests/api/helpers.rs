@@ -61,13 +61,9 @@ async fn spawn_app_configured(
         listen: addr,
         data_dir: dir.path().join("data"),
         database_url: test_database(dir.path()).await,
-        max_parallel_steps: 16,
         allow_commands,
         shutdown_grace: Duration::from_secs(1),
-        heartbeat_interval: Duration::from_secs(15),
-        replica_id: None,
-        lease: Duration::from_secs(15),
-        cors_allow_origins: Vec::new(),
+        ..ServeConfig::default()
     };
     tweak(&mut config);
     let (tx, rx) = oneshot::channel::<()>();
