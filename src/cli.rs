@@ -18,6 +18,8 @@ use crate::domain::definition::PipelineSpec;
 use crate::proto::v1 as pb;
 use crate::proto::v1::pipeline_service_client::PipelineServiceClient;
 use crate::server::{self, ServeConfig};
+use crate::telemetry;
+use crate::telemetry::tracing::{LogFormat, TracingConfig};
 use crate::transport::convert;
 
 #[derive(Debug, Parser)]
@@ -192,6 +194,18 @@ pub struct ServeArgs {
     /// Log filter, e.g. info or pipelined=debug.
     #[arg(long, env = "PIPELINED_LOG", default_value = "info")]
     pub log: String,
+    // ----- telemetry (see `crate::telemetry`) -----
+    /// Serve Prometheus metrics at http://ADDR/metrics (default: off).
+    #[arg(long, env = "PIPELINED_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Export traces over OTLP/gRPC to this collector URL, e.g.
+    /// http://localhost:4317 (default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or
+    /// OTEL_EXPORTER_OTLP_ENDPOINT if set, else off).
+    #[arg(long, env = "PIPELINED_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Log line format: text, or one JSON object per line.
+    #[arg(long, env = "PIPELINED_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
 }
 
 #[derive(Debug, Args)]
@@ -478,11 +492,25 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_new(&args.log).context("bad --log filter")?,
-        )
-        .init();
+    let telemetry = telemetry::tracing::init(&TracingConfig {
+        filter: args.log.clone(),
+        format: args.log_format,
+        otlp_endpoint: args.otlp_endpoint.clone().or_else(|| {
+            [
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                "OTEL_EXPORTER_OTLP_ENDPOINT",
+            ]
+            .iter()
+            .find_map(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+        }),
+    })?;
+    let served = serve_with(args).await;
+    // Spans still buffered are exported before the process ends.
+    telemetry.shutdown().await;
+    served
+}
+
+async fn serve_with(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -505,6 +533,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             .into_iter()
             .filter(|o| !o.is_empty())
             .collect(),
+        metrics_listen: args.metrics_listen,
     };
     server::serve(config, listener, server::signal()).await?;
     Ok(ExitCode::SUCCESS)

@@ -10,6 +10,7 @@ pub mod domain;
 pub mod engine;
 pub mod server;
 pub mod storage;
+pub mod telemetry;
 pub mod transport;
 
 /// Code generated from `proto/`.

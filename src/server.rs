@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -17,6 +18,8 @@ use crate::domain::limits;
 use crate::engine::{Engine, EngineConfig};
 use crate::proto::v1::pipeline_service_server::PipelineServiceServer;
 use crate::storage::Store;
+use crate::telemetry;
+use crate::telemetry::metrics::RpcMetricsLayer;
 use crate::transport::deadline::DeadlineLayer;
 use crate::transport::decode_errors;
 use crate::transport::request_context::RequestContextLayer;
@@ -47,6 +50,10 @@ pub struct ServeConfig {
     /// Origins whose pages may call the API with gRPC-Web (`*`: any);
     /// empty: no cross-origin browser access.
     pub cors_allow_origins: Vec<String>,
+    // ----- telemetry (see `crate::telemetry`) -----
+    /// Where to serve Prometheus metrics (`GET /metrics`); `None`: nowhere.
+    /// Port 0 picks a free port, logged as `metrics serving addr=...`.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for ServeConfig {
@@ -63,6 +70,7 @@ impl Default for ServeConfig {
             replica_id: None,
             lease: Duration::from_secs(15),
             cors_allow_origins: Vec::new(),
+            metrics_listen: None,
         }
     }
 }
@@ -137,6 +145,24 @@ pub async fn serve(
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
     let grpc_web = crate::transport::grpc_web::layer(&config.cors_allow_origins)?;
+    // Telemetry: the RPC metrics layer and the metrics endpoint, which stops
+    // with the engine.
+    let metrics = Arc::clone(engine.metrics());
+    if let Some(addr) = config.metrics_listen {
+        let listener = telemetry::metrics::bind(addr).await?;
+        tracing::info!(addr = %listener.local_addr()?, "metrics serving");
+        let store = engine.store().clone();
+        let count_active = move || {
+            let store = store.clone();
+            async move { store.count_active().await.map_err(|e| e.to_string()) }
+        };
+        tokio::spawn(telemetry::metrics::serve(
+            listener,
+            Arc::clone(&metrics),
+            count_active,
+            engine.shutdown_token(),
+        ));
+    }
 
     tracing::info!(addr = %listener.local_addr()?, database = %redact(&url), recovered, "pipelined serving");
     let stopping = engine.shutdown_token();
@@ -157,10 +183,12 @@ pub async fn serve(
         // Outermost first: gRPC-Web (CORS, then the translation; plain gRPC
         // passes through both), so every layer inside sees ordinary gRPC and
         // its answers reach browsers translated; then the request id and span
-        // around everything else, the caller's deadline, and the status fixes.
+        // around everything else, the RPC metrics, the caller's deadline, and
+        // the status fixes.
         .accept_http1(true)
         .layer(grpc_web)
         .layer(RequestContextLayer)
+        .layer(RpcMetricsLayer::new(metrics))
         .layer(DeadlineLayer)
         .layer(tower::util::MapResponseLayer::new(
             decode_errors::precise_status_for_undecodable,

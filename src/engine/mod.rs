@@ -252,6 +252,16 @@ impl Engine {
         watch::watch_all(Arc::clone(&self.shared), filter)
     }
 
+    /// The store this engine runs on.
+    pub fn store(&self) -> &Store {
+        &self.shared.store
+    }
+
+    /// This server's metrics.
+    pub fn metrics(&self) -> &Arc<crate::telemetry::metrics::Metrics> {
+        self.shared.store.metrics()
+    }
+
     /// Number of executions with live watchers.
     pub fn watched_executions(&self) -> usize {
         self.shared.hub.watched_executions()
@@ -396,6 +406,9 @@ impl Shared {
             .save(&exec, &changed, &events, Some(ExecutionStatus::Queued))
             .await?;
         self.hub.publish(&events);
+        self.store
+            .metrics()
+            .execution_finished(&exec.pipeline_name, exec.status.as_str());
         Ok(exec)
     }
 
@@ -873,8 +886,10 @@ impl Shared {
     fn spawn(self: &Arc<Self>, exec: Execution, inbox: Inbox) {
         // Its own root, not part of the call that started it: the runner
         // outlives the call (and recovered executions have none).
-        let span = tracing::info_span!(parent: None, "execution", id = %exec.id, pipeline = %exec.pipeline_name);
+        let span = tracing::info_span!(parent: None, "execution", execution_id = %exec.id, pipeline = %exec.pipeline_name);
         span.follows_from(tracing::Span::current());
+        // In exported traces, though, a child of the call that started it.
+        crate::telemetry::tracing::continue_current_trace(&span);
         let runner = Runner::new(Arc::clone(self), exec, inbox);
         self.tasks.spawn(runner.run().instrument(span));
     }

@@ -144,6 +144,10 @@ pub struct Runner {
     timed_out: bool,
     /// Whether this runner has removed itself from the engine's registry.
     unregistered: bool,
+    /// Ready steps of this execution waiting for a parallelism slot, as
+    /// added to the server's `pipelined_queue_depth{queue="steps"}`.
+    waiting_for_slot: i64,
+    steps_waiting: prometheus_client::metrics::gauge::Gauge,
 }
 
 impl Runner {
@@ -157,6 +161,7 @@ impl Runner {
         .max(1);
         let (finished_tx, finished_rx) = mpsc::unbounded_channel();
         let (reports_tx, reports_rx) = mpsc::channel(REPORT_QUEUE);
+        let steps_waiting = shared.store.metrics().steps_waiting();
         Self {
             shared,
             exec,
@@ -176,6 +181,16 @@ impl Runner {
             failure: None,
             timed_out: false,
             unregistered: false,
+            waiting_for_slot: 0,
+            steps_waiting,
+        }
+    }
+
+    /// Sets this execution's share of the steps waiting for a slot.
+    fn set_waiting_for_slot(&mut self, waiting: i64) {
+        let delta = waiting - std::mem::replace(&mut self.waiting_for_slot, waiting);
+        if delta != 0 {
+            self.steps_waiting.inc_by(delta);
         }
     }
 
@@ -183,6 +198,7 @@ impl Runner {
         if self.prepare().await {
             self.drive().await;
         }
+        self.set_waiting_for_slot(0);
         self.unregister();
     }
 
@@ -367,6 +383,7 @@ impl Runner {
     async fn start_ready_steps(&mut self) -> bool {
         loop {
             if !self.may_start_steps() {
+                self.set_waiting_for_slot(0);
                 return true;
             }
             let now = model::now();
@@ -391,10 +408,12 @@ impl Runner {
             let mut started = Vec::new();
             let mut changed = Vec::new();
             let mut events = Vec::new();
+            let mut waiting = ready.len() as i64;
             for i in ready {
                 if free == 0 {
                     break;
                 }
+                waiting -= 1;
                 let condition = self.exec.definition.steps[i].when.clone();
                 let verdict = if condition.is_empty() {
                     Ok(true)
@@ -463,6 +482,7 @@ impl Runner {
                     }
                 }
             }
+            self.set_waiting_for_slot(waiting);
             if changed.is_empty() {
                 return true;
             }
@@ -483,7 +503,16 @@ impl Runner {
     fn spawn_attempt(&mut self, index: usize) {
         let cancel = CancellationToken::new();
         self.running.insert(index, cancel.clone());
+        // A child of the runner's `execution` span.
+        let span = tracing::info_span!(
+            "step",
+            execution_id = %self.exec.id,
+            step = %self.exec.steps[index].name,
+            attempt = self.exec.steps[index].attempt,
+            kind = self.exec.definition.steps[index].kind.name(),
+        );
         if let Some(outcome) = steps::instant(&self.exec.definition.steps[index].kind) {
+            drop(span);
             // No task of its own, no wake-up: the outcome is read by the
             // next turn of `drive`.
             let _ = self.finished_tx.send(Finished {
@@ -501,7 +530,7 @@ impl Runner {
         let shared = Arc::clone(&self.shared);
         let finished = self.finished_tx.clone();
         let reporter = Reporter::new(index, attempt, self.reports_tx.clone());
-        tokio::spawn(async move {
+        let attempt_task = async move {
             let outcome = steps::run(Attempt {
                 kind: &spec.kind,
                 execution_id: &execution_id,
@@ -522,7 +551,8 @@ impl Runner {
                 outcome,
                 dropped,
             });
-        });
+        };
+        tokio::spawn(tracing::Instrument::instrument(attempt_task, span));
     }
 
     /// Records the outcome of a finished attempt, staged for the next commit.
@@ -551,6 +581,15 @@ impl Runner {
         };
         let step = &mut self.exec.steps[i];
         step.finished_at = Some(now);
+        self.shared.store.metrics().step_finished(
+            self.exec.definition.steps[i].kind.name(),
+            match outcome {
+                StepOutcome::Succeeded(_) => "succeeded",
+                StepOutcome::Failed(_) => "failed",
+                StepOutcome::Cancelled(_) => "cancelled",
+            },
+            step.duration().unwrap_or_default().as_secs_f64(),
+        );
         let kind = match outcome {
             StepOutcome::Succeeded(output) => {
                 step.set_status(StepStatus::Succeeded);
@@ -781,6 +820,10 @@ impl Runner {
             // terminal event can retry the execution at once.
             self.unregister();
             self.shared.hub.publish(&events);
+            self.shared
+                .store
+                .metrics()
+                .execution_finished(&self.exec.pipeline_name, outcome.as_str());
             let capped = self
                 .exec
                 .definition

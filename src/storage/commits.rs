@@ -23,6 +23,7 @@ use super::entities::{execution, execution_event, execution_step};
 use super::{Admission, Result, Store, StoreError};
 use crate::domain::definition::ConcurrencyPolicy;
 use crate::domain::model::Execution;
+use crate::telemetry::metrics::{DbOp, Metrics};
 
 /// Most changes written in one transaction.
 const MAX_BATCH: usize = 128;
@@ -73,9 +74,13 @@ pub struct Committer {
 impl Committer {
     /// Starts the task writing through `writer` as `replica`; it ends when
     /// the last `Committer` is dropped.
-    pub fn start(writer: DatabaseConnection, replica: std::sync::Arc<str>) -> Self {
+    pub fn start(
+        writer: DatabaseConnection,
+        replica: std::sync::Arc<str>,
+        metrics: std::sync::Arc<Metrics>,
+    ) -> Self {
         let (requests, receiver) = mpsc::unbounded_channel();
-        tokio::spawn(run(writer, replica, receiver));
+        tokio::spawn(run(writer, replica, receiver, metrics));
         Self { requests }
     }
 
@@ -108,6 +113,7 @@ async fn run(
     writer: DatabaseConnection,
     replica: std::sync::Arc<str>,
     mut receiver: mpsc::UnboundedReceiver<Request>,
+    metrics: std::sync::Arc<Metrics>,
 ) {
     // After a group failed, requests are written one at a time for a while,
     // so that one that fails every time (its runner retries it) fails alone
@@ -139,7 +145,10 @@ async fn run(
                 }
             }
         }
-        match write(&writer, &replica, work).await {
+        let timer = metrics.db_timer(DbOp::Commit);
+        let written = write(&writer, &replica, work).await;
+        drop(timer);
+        match written {
             Ok(outcomes) => {
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     match (reply, outcome) {

@@ -22,6 +22,7 @@ use crate::domain::data::JsonMap;
 use crate::domain::definition::{ConcurrencyMode, ConcurrencyPolicy, PipelineSpec};
 use crate::domain::model::{self, Event, Execution, Pipeline, StepRun, Trigger};
 use crate::domain::status::{EventKind, ExecutionStatus, StepStatus, TriggerKind};
+use crate::telemetry::metrics::{DbOp, Metrics};
 use entities::{execution, execution_event, execution_label, execution_step, pipeline};
 
 /// Everything storage can fail with.
@@ -153,6 +154,8 @@ pub struct Store {
     /// Recently read finished executions and latest pipeline versions,
     /// when this process is the only writer (SQLite); `None` on PostgreSQL.
     caches: Option<Arc<Caches>>,
+    /// This server's metrics; database operations are timed here.
+    metrics: Arc<Metrics>,
 }
 
 /// See [`cache`].
@@ -169,13 +172,19 @@ impl Store {
     /// runs the migrations. `replica` names this server in leases.
     pub async fn connect(url: &str, replica: &str, lease: Duration) -> Result<Self> {
         let replica: Arc<str> = Arc::from(replica);
+        let metrics = Arc::new(Metrics::new());
         let store = if url.starts_with("sqlite:") {
             let writer = Database::connect(sqlite_options(url, 1)).await?;
             Migrator::up(&writer, None).await?;
             let reader = Database::connect(sqlite_options(url, 8)).await?;
             Self {
-                committer: commits::Committer::start(writer.clone(), Arc::clone(&replica)),
+                committer: commits::Committer::start(
+                    writer.clone(),
+                    Arc::clone(&replica),
+                    Arc::clone(&metrics),
+                ),
                 caches: Some(Arc::default()),
+                metrics,
                 writer,
                 reader,
                 replica,
@@ -190,8 +199,13 @@ impl Store {
             let pool = Database::connect(options).await?;
             Migrator::up(&pool, None).await?;
             Self {
-                committer: commits::Committer::start(pool.clone(), Arc::clone(&replica)),
+                committer: commits::Committer::start(
+                    pool.clone(),
+                    Arc::clone(&replica),
+                    Arc::clone(&metrics),
+                ),
                 caches: None,
+                metrics,
                 writer: pool.clone(),
                 reader: pool,
                 replica,
@@ -199,6 +213,35 @@ impl Store {
             }
         };
         Ok(store)
+    }
+
+    /// This server's metrics (see [`crate::telemetry::metrics`]).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// How many executions are not finished, by pipeline and status.
+    pub async fn count_active(&self) -> Result<Vec<(String, String, i64)>> {
+        use sea_orm::sea_query::{Expr, ExprTrait};
+        let active = [
+            ExecutionStatus::Queued,
+            ExecutionStatus::Pending,
+            ExecutionStatus::Running,
+            ExecutionStatus::Paused,
+            ExecutionStatus::Stopping,
+            ExecutionStatus::Terminating,
+        ];
+        Ok(execution::Entity::find()
+            .select_only()
+            .column(execution::Column::PipelineName)
+            .column(execution::Column::Status)
+            .column_as(Expr::col(execution::Column::Id).count(), "count")
+            .filter(execution::Column::Status.is_in(active.map(ExecutionStatus::as_str)))
+            .group_by(execution::Column::PipelineName)
+            .group_by(execution::Column::Status)
+            .into_tuple()
+            .all(&self.reader)
+            .await?)
     }
 
     /// This replica's id.
@@ -506,6 +549,7 @@ impl Store {
     }
 
     async fn read_pipeline(&self, name: &str, version: Option<i64>) -> Result<Pipeline> {
+        let _timer = self.metrics.db_timer(DbOp::GetPipeline);
         let mut query = pipeline::Entity::find().filter(pipeline::Column::Name.eq(name));
         query = match version {
             Some(v) => query.filter(pipeline::Column::Version.eq(v)),
@@ -875,6 +919,7 @@ impl Store {
                 })
                 .await;
         };
+        let _timer = self.metrics.db_timer(DbOp::Save);
         let txn = self.writer.begin().await?;
         let updated = execution::Entity::update_many()
             .set(execution_changes(exec))
@@ -955,6 +1000,7 @@ impl Store {
     }
 
     async fn read_execution(&self, id: &str) -> Result<Execution> {
+        let _timer = self.metrics.db_timer(DbOp::GetExecution);
         let row = execution::Entity::find_by_id(id.to_string())
             .one(&self.reader)
             .await?
@@ -968,6 +1014,7 @@ impl Store {
 
     /// Status and latest sequence of an execution, without its steps.
     pub async fn execution_head(&self, id: &str) -> Result<(ExecutionStatus, i64)> {
+        let _timer = self.metrics.db_timer(DbOp::ExecutionHead);
         let head: Option<(String, i64)> = execution::Entity::find_by_id(id.to_string())
             .select_only()
             .column(execution::Column::Status)
@@ -984,6 +1031,7 @@ impl Store {
 
     /// Executions matching `filter`, newest first; step outputs are left out.
     pub async fn list_executions(&self, filter: &ExecutionFilter) -> Result<Vec<Execution>> {
+        let _timer = self.metrics.db_timer(DbOp::ListExecutions);
         let mut query = execution::Entity::find()
             .order_by_desc(execution::Column::Id)
             .limit(filter.limit);
@@ -1038,6 +1086,7 @@ impl Store {
 
     /// Up to `limit` events of an execution with a sequence above `after`.
     pub async fn events_after(&self, id: &str, after: i64, limit: u64) -> Result<Vec<Event>> {
+        let _timer = self.metrics.db_timer(DbOp::ReadEvents);
         execution_event::Entity::find()
             .filter(execution_event::Column::ExecutionId.eq(id))
             .filter(execution_event::Column::Sequence.gt(after))

@@ -7,7 +7,8 @@
 //! request id is the caller's `x-request-id` when it is usable (1 to 128
 //! visible ASCII characters), else a new UUID; it is sent back in the
 //! response headers (of trailers-only error answers too), with the
-//! `traceparent` when one was given.
+//! `traceparent` when one was given. When traces are exported (see
+//! [`crate::telemetry::tracing`]), the `rpc` span is a child of the caller's.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -79,6 +80,8 @@ where
         );
         if let Some((_, trace_id)) = &traceparent {
             span.record("trace_id", tracing::field::display(trace_id));
+            // Exported spans continue the caller's trace.
+            crate::telemetry::tracing::continue_remote_trace(&span, headers);
         }
         // Handlers see the id in effect, generated or not.
         request.headers_mut().insert(REQUEST_ID, request_id.clone());

@@ -1,0 +1,5 @@
+//! Operations telemetry: Prometheus metrics ([`metrics`]) and logs and
+//! OpenTelemetry traces ([`tracing`]).
+
+pub mod metrics;
+pub mod tracing;
