@@ -824,6 +824,8 @@ impl Runner {
                 .store
                 .metrics()
                 .execution_finished(&self.exec.pipeline_name, outcome.as_str());
+            // In the `execution` span: the line carries the execution id.
+            tracing::info!(status = %outcome, "execution finished");
             let capped = self
                 .exec
                 .definition

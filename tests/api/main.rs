@@ -18,5 +18,6 @@ mod pipelines;
 mod process;
 mod replicas;
 mod service;
+mod telemetry;
 mod validation;
 mod watch;

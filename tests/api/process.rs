@@ -120,6 +120,17 @@ impl ServerProcess {
         self.client.clone()
     }
 
+    /// The address in the latest log line containing `message` (written
+    /// like the `pipelined serving addr=...` line), e.g. where
+    /// `--metrics-listen 127.0.0.1:0` made the server listen.
+    pub fn logged_address(&self, message: &str) -> Option<SocketAddr> {
+        self.log()
+            .lines()
+            .filter(|line| line.contains(message))
+            .filter_map(listen_address)
+            .next_back()
+    }
+
     /// Everything the server processes started on this data dir have printed.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
@@ -188,8 +199,13 @@ async fn wait_for_address(child: &mut Child, log: &Path, run_starts_at: usize) -
 }
 
 /// The address in a `pipelined serving addr=... ...` log line, with or
-/// without ANSI colours around the field name.
+/// without ANSI colours around the field name, or in the `addr` field of a
+/// JSON log line (`--log-format json`).
 fn listen_address(line: &str) -> Option<SocketAddr> {
+    if line.starts_with('{') {
+        let json: serde_json::Value = serde_json::from_str(line).ok()?;
+        return json.get("addr")?.as_str()?.parse().ok();
+    }
     let plain = strip_ansi(line);
     let value = plain
         .split_whitespace()
