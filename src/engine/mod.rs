@@ -405,10 +405,10 @@ impl Shared {
         self.store
             .save(&exec, &changed, &events, Some(ExecutionStatus::Queued))
             .await?;
-        self.hub.publish(&events);
         self.store
             .metrics()
             .execution_finished(&exec.pipeline_name, exec.status.as_str());
+        self.hub.publish(&events);
         Ok(exec)
     }
 

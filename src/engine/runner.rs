@@ -819,13 +819,14 @@ impl Runner {
             // Unregister before publishing, so that a client reacting to the
             // terminal event can retry the execution at once.
             self.unregister();
-            self.shared.hub.publish(&events);
+            // Counted before watchers learn of the end.
             self.shared
                 .store
                 .metrics()
                 .execution_finished(&self.exec.pipeline_name, outcome.as_str());
             // In the `execution` span: the line carries the execution id.
             tracing::info!(status = %outcome, "execution finished");
+            self.shared.hub.publish(&events);
             let capped = self
                 .exec
                 .definition

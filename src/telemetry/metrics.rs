@@ -219,7 +219,7 @@ impl Metrics {
         let queue_depth = Family::default();
         registry.register(
             "queue_depth",
-            "Work waiting for a slot: queue=\"executions\": queued executions waiting under their pipeline's concurrency cap (from the database at scrape time); queue=\"steps\": ready steps waiting for their execution's parallelism limit (this server)",
+            "Work waiting for a slot: queue executions: queued executions waiting under their pipeline's concurrency cap (from the database at scrape time); queue steps: ready steps waiting for their execution's parallelism limit (this server)",
             queue_depth.clone(),
         );
         let active_watchers = Family::default();

@@ -148,6 +148,27 @@ async fn metrics_endpoint_reports_rpcs_executions_steps_queues_watchers_and_data
         .await
         .expect_err("no such execution");
     assert_eq!(missing.code(), Code::NotFound);
+    // The same Get over gRPC-Web, as a browser makes it, counts alike.
+    let message = prost::Message::encode_to_vec(&pb::GetExecutionRequest {
+        execution_id: done.id.clone(),
+    });
+    let mut body = vec![0u8];
+    body.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    body.extend_from_slice(&message);
+    let web = reqwest::Client::new()
+        .post(format!("http://{}/{GET}", server.addr()))
+        .header("content-type", "application/grpc-web+proto")
+        .header("x-grpc-web", "1")
+        .body(body)
+        .send()
+        .await
+        .expect("gRPC-Web call");
+    assert_eq!(web.status(), 200);
+    let answer = web.bytes().await.expect("gRPC-Web body");
+    assert!(
+        String::from_utf8_lossy(&answer).contains("grpc-status:0"),
+        "{answer:?}"
+    );
 
     // Work that waits: one step running and one waiting for the only
     // parallelism slot; a second execution queued behind the first.
@@ -181,7 +202,7 @@ async fn metrics_endpoint_reports_rpcs_executions_steps_queues_watchers_and_data
             &[("method", method), ("code", code)],
         )
     };
-    assert_eq!(rpc(GET, "OK"), 1.0);
+    assert_eq!(rpc(GET, "OK"), 2.0, "one gRPC call, one gRPC-Web call");
     assert_eq!(rpc(GET, "NOT_FOUND"), 1.0);
     assert_eq!(rpc(RUN, "OK"), 3.0);
     // The finished watch stream counts with the code it ended with.
@@ -198,7 +219,7 @@ async fn metrics_endpoint_reports_rpcs_executions_steps_queues_watchers_and_data
             "pipelined_rpc_duration_seconds_bucket",
             &[("method", GET), ("code", "OK"), ("le", "+Inf")]
         ),
-        1.0
+        2.0
     );
     assert_eq!(
         page.expect(
