@@ -572,6 +572,11 @@ struct Record {
 impl Record {
     fn finish(self, code: &'static str) {
         self.metrics.rpc_finished(self.method, code, self.started);
+        // Called inside the call's `rpc` span (the request context layer
+        // polls and drops the body in it): exported spans carry the status.
+        super::tracing::record_grpc_status(
+            CODES.iter().position(|c| *c == code).unwrap_or(2) as i64
+        );
     }
 }
 

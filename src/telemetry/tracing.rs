@@ -139,3 +139,21 @@ pub fn continue_remote_trace(span: &Span, headers: &HeaderMap) {
 pub fn continue_current_trace(span: &Span) {
     let _ = span.set_parent(Span::current().context());
 }
+
+/// Records a call's final gRPC status code on the current (`rpc`) span of
+/// exported traces, as `rpc.grpc.status_code`; the codes that mean a server
+/// fault (UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE,
+/// DATA_LOSS) mark the span as an error, as the OpenTelemetry conventions
+/// for gRPC servers ask. Does nothing when nothing exports.
+pub fn record_grpc_status(code: i64) {
+    let span = Span::current();
+    if span.is_disabled() {
+        return;
+    }
+    span.set_attribute("rpc.grpc.status_code", code);
+    if matches!(code, 2 | 4 | 12 | 13 | 14 | 15) {
+        span.set_status(opentelemetry::trace::Status::error(format!(
+            "gRPC status {code}"
+        )));
+    }
+}

@@ -432,10 +432,16 @@ async fn spans_are_exported_over_otlp_continuing_the_callers_trace() {
     let get = rpc("/pipeline.v1.PipelineService/GetExecution");
     assert_eq!(hex(&get.trace_id), get_trace);
     assert_eq!(hex(&get.parent_span_id), get_parent);
+    assert_eq!(
+        attribute(get, "rpc.grpc.status_code").as_deref(),
+        Some("5"),
+        "NOT_FOUND"
+    );
     let run = rpc("/pipeline.v1.PipelineService/RunPipeline");
     assert_eq!(hex(&run.trace_id), run_trace);
     assert_eq!(hex(&run.parent_span_id), run_parent);
     assert!(attribute(run, "request_id").is_some());
+    assert_eq!(attribute(run, "rpc.grpc.status_code").as_deref(), Some("0"));
 
     // The execution and its steps belong to the caller's trace, under the
     // call that started them.
