@@ -168,6 +168,11 @@ pub async fn serve(
     let reflection_v1alpha = reflection().build_v1alpha()?;
     let grpc_web = crate::transport::grpc_web::layer(&config.cors_allow_origins)?;
 
+    // Registered before the server says it serves, so that a SIGHUP from
+    // then on reloads rather than ends the process.
+    let _reload_on_sighup = tls
+        .as_ref()
+        .and_then(|(_, cert)| reload_on_sighup(cert.clone()));
     tracing::info!(
         addr = %listener.local_addr()?,
         database = %redact(&url),
@@ -212,22 +217,16 @@ pub async fn serve(
                 .accept_compressed(CompressionEncoding::Gzip)
                 .send_compressed(CompressionEncoding::Gzip),
         );
-    let (serving, _reload_on_sighup): (Pin<Box<dyn Future<Output = _> + Send>>, _) = match tls {
-        Some((acceptor, cert)) => (
-            Box::pin(
-                router.serve_with_incoming_shutdown(tls::incoming(listener, acceptor), on_shutdown),
-            ),
-            Some(reload_on_sighup(cert)),
+    let serving: Pin<Box<dyn Future<Output = _> + Send>> = match tls {
+        Some((acceptor, _)) => Box::pin(
+            router.serve_with_incoming_shutdown(tls::incoming(listener, acceptor), on_shutdown),
         ),
-        None => (
-            Box::pin(router.serve_with_incoming_shutdown(
-                // Without TCP_NODELAY a call's trailers, written after its
-                // data, wait for the client's delayed ACK: 40 ms per call.
-                TcpIncoming::from(listener).with_nodelay(Some(true)),
-                on_shutdown,
-            )),
-            None,
-        ),
+        None => Box::pin(router.serve_with_incoming_shutdown(
+            // Without TCP_NODELAY a call's trailers, written after its
+            // data, wait for the client's delayed ACK: 40 ms per call.
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            on_shutdown,
+        )),
     };
     let grace_over = async {
         match shutdown_began.await {
@@ -260,26 +259,23 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
 }
 
 /// Looks at the certificate files on every SIGHUP, until dropped.
-fn reload_on_sighup(cert: Arc<tls::ReloadingCert>) -> AbortOnDropHandle<()> {
-    AbortOnDropHandle::new(tokio::spawn(async move {
-        let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
-        let mut hangup = match hangup {
-            Ok(hangup) => hangup,
-            Err(error) => {
-                tracing::warn!(%error, "cannot handle SIGHUP; the certificate reloads when its files change");
-                return;
-            }
-        };
+fn reload_on_sighup(cert: Arc<tls::ReloadingCert>) -> Option<AbortOnDropHandle<()>> {
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    let mut hangup = match hangup {
+        Ok(hangup) => hangup,
+        Err(error) => {
+            tracing::warn!(%error, "cannot handle SIGHUP; the certificate reloads when its files change");
+            return None;
+        }
+    };
+    Some(AbortOnDropHandle::new(tokio::spawn(async move {
         while hangup.recv().await.is_some() {
             // A failure is logged by the reload itself.
-            match cert.reload() {
-                tls::Reload::Reloaded | tls::Reload::Failed(_) => {}
-                tls::Reload::Unchanged => {
-                    tracing::info!("SIGHUP: the TLS certificate files have not changed")
-                }
+            if cert.reload() == tls::Reload::Unchanged {
+                tracing::info!("SIGHUP: the TLS certificate files have not changed");
             }
         }
-    }))
+    })))
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -249,8 +249,10 @@ impl fmt::Debug for ReloadingCert {
 
 fn read_files(cert: &Path, key: &Path) -> anyhow::Result<Files> {
     Ok(Files {
-        cert: std::fs::read(cert).with_context(|| format!("cannot read {}", cert.display()))?,
-        key: std::fs::read(key).with_context(|| format!("cannot read {}", key.display()))?,
+        cert: std::fs::read(cert)
+            .with_context(|| format!("cannot read the TLS certificate {}", cert.display()))?,
+        key: std::fs::read(key)
+            .with_context(|| format!("cannot read the TLS key {}", key.display()))?,
     })
 }
 
@@ -273,7 +275,8 @@ fn certified(
 }
 
 fn read_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let pem = std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let pem = std::fs::read(path)
+        .with_context(|| format!("cannot read the client CA bundle {}", path.display()))?;
     parse_certs(&pem, path)
 }
 
@@ -285,4 +288,104 @@ fn parse_certs(pem: &[u8], path: &Path) -> anyhow::Result<Vec<CertificateDer<'st
         bail!("no PEM certificate in {}", path.display());
     }
     Ok(certs)
+}
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{CertificateParams, KeyPair};
+
+    use super::*;
+
+    /// A self-signed certificate for `name` and its key, PEM.
+    fn certificate(name: &str) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![name.to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+
+    fn leaf(cert: &ReloadingCert) -> Vec<u8> {
+        let state = cert.state.lock().unwrap();
+        state.current.cert[0].to_vec()
+    }
+
+    fn der(pem: &str) -> Vec<u8> {
+        CertificateDer::from_pem_slice(pem.as_bytes())
+            .unwrap()
+            .to_vec()
+    }
+
+    #[test]
+    fn a_change_that_does_not_load_keeps_the_certificate_until_a_good_one_comes() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        let (first, first_key) = certificate("first.example");
+        std::fs::write(&cert_path, &first).unwrap();
+        std::fs::write(&key_path, &first_key).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cert = ReloadingCert::load(cert_path.clone(), key_path.clone(), provider).unwrap();
+        assert_eq!(cert.reload(), Reload::Unchanged);
+
+        // A new certificate whose key has not been written yet.
+        let (second, second_key) = certificate("second.example");
+        std::fs::write(&cert_path, &second).unwrap();
+        let Reload::Failed(error) = cert.reload() else {
+            panic!("a key that does not match loaded");
+        };
+        assert!(
+            error.contains("does not go with the certificate"),
+            "{error}"
+        );
+        assert_eq!(leaf(&cert), der(&first));
+        // Not tried again until the files change.
+        assert_eq!(cert.reload(), Reload::Unchanged);
+
+        std::fs::write(&key_path, &second_key).unwrap();
+        assert_eq!(cert.reload(), Reload::Reloaded);
+        assert_eq!(leaf(&cert), der(&second));
+
+        // A missing or garbled file keeps the certificate too.
+        std::fs::remove_file(&key_path).unwrap();
+        let Reload::Failed(error) = cert.reload() else {
+            panic!("a missing key loaded");
+        };
+        assert!(error.contains("cannot read the TLS key"), "{error}");
+        std::fs::write(&key_path, "not a key").unwrap();
+        let Reload::Failed(error) = cert.reload() else {
+            panic!("a garbled key loaded");
+        };
+        assert!(error.contains("no usable PEM private key"), "{error}");
+        assert_eq!(leaf(&cert), der(&second));
+    }
+
+    #[test]
+    fn unusable_files_are_refused_at_start_naming_the_file() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let (cert_path, key_path) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        let (cert, key) = certificate("example");
+        std::fs::write(&cert_path, "no certificate here").unwrap();
+        std::fs::write(&key_path, &key).unwrap();
+        let config = TlsConfig {
+            cert: cert_path.clone(),
+            key: key_path.clone(),
+            client_ca: None,
+        };
+        let error = format!("{:#}", acceptor(&config).err().expect("refused"));
+        assert!(error.contains("no PEM certificate in"), "{error}");
+        assert!(error.contains("tls.crt"), "{error}");
+
+        std::fs::write(&cert_path, &cert).unwrap();
+        acceptor(&config).expect("good files");
+        let config = TlsConfig {
+            client_ca: Some(dir.path().join("missing-ca.pem")),
+            ..config
+        };
+        let error = format!("{:#}", acceptor(&config).err().expect("refused"));
+        assert!(
+            error.contains("cannot read the client CA bundle"),
+            "{error}"
+        );
+    }
 }

@@ -18,5 +18,6 @@ mod pipelines;
 mod process;
 mod replicas;
 mod service;
+mod tls;
 mod validation;
 mod watch;
