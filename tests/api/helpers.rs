@@ -178,7 +178,8 @@ impl TestApp {
         self.dir().join(name)
     }
 
-    /// A channel for other services served on the same port.
+    /// A channel for other services served on the same port (plaintext
+    /// servers; TLS ones: [`tls_channel`]).
     pub async fn channel(&self) -> Channel {
         Channel::from_shared(self.endpoint())
             .unwrap()
