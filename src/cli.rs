@@ -588,10 +588,14 @@ async fn connect(args: &ClientArgs) -> anyhow::Result<PipelineServiceClient<Chan
             args.server.trim_start_matches("http://")
         );
     }
-    let channel = endpoint
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach pipelined at {}", args.server))?;
+    let channel = endpoint.connect().await.with_context(|| {
+        let trust = if args.server.starts_with("https://") && args.ca_cert.is_none() {
+            " (trusting the public web CAs only; --ca-cert FILE trusts another)"
+        } else {
+            ""
+        };
+        format!("cannot reach pipelined at {}{trust}", args.server)
+    })?;
     Ok(PipelineServiceClient::new(channel))
 }
 
