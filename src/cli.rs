@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 use tonic::Code;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic_types::StatusExt;
 
 use crate::domain::data::JsonMap;
@@ -21,6 +21,7 @@ use crate::server::{self, ServeConfig};
 use crate::telemetry;
 use crate::telemetry::tracing::{LogFormat, TracingConfig};
 use crate::transport::convert;
+use crate::transport::tls::TlsConfig;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -206,6 +207,31 @@ pub struct ServeArgs {
     /// Log line format: text, or one JSON object per line.
     #[arg(long, env = "PIPELINED_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    // --- Transport security and the configuration file ---
+    /// A TOML file of settings whose keys are these flags' long names
+    /// (e.g. `listen = "0.0.0.0:50051"`); flags and environment variables
+    /// take precedence over it.
+    #[arg(long, env = "PIPELINED_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Serve TLS with this PEM certificate chain (needs --tls-key); the file
+    /// is re-read when it changes, and on SIGHUP.
+    #[arg(long, env = "PIPELINED_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "PIPELINED_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates signed by a CA in this PEM bundle
+    /// (mutual TLS; needs --tls-cert).
+    #[arg(long, env = "PIPELINED_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Allow plaintext on an address other than loopback (when something in
+    /// front, a mesh sidecar or a proxy, secures the traffic).
+    #[arg(
+        long,
+        env = "PIPELINED_INSECURE_PLAINTEXT",
+        value_parser = clap::builder::FalseyValueParser::new()
+    )]
+    pub insecure_plaintext: bool,
 }
 
 #[derive(Debug, Args)]
@@ -220,6 +246,17 @@ pub struct ClientArgs {
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
     output: Output,
+    /// Trust this PEM CA bundle for an https:// server (default: the public
+    /// web CAs).
+    #[arg(long, env = "PIPELINED_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+    /// Present this PEM certificate to an https:// server that requires
+    /// client certificates (needs --client-key).
+    #[arg(long, env = "PIPELINED_CLIENT_CERT")]
+    client_cert: Option<PathBuf>,
+    /// The PEM private key of --client-cert.
+    #[arg(long, env = "PIPELINED_CLIENT_KEY")]
+    client_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -511,9 +548,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn serve_with(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let tls = match (args.tls_cert, args.tls_key, args.tls_client_ca) {
+        (Some(cert), Some(key), client_ca) => Some(TlsConfig {
+            cert,
+            key,
+            client_ca,
+        }),
+        (None, None, None) => None,
+        (None, None, Some(_)) => bail!("--tls-client-ca needs --tls-cert and --tls-key"),
+        (Some(_), None, _) => bail!("--tls-cert needs --tls-key"),
+        (None, Some(_), _) => bail!("--tls-key needs --tls-cert"),
+    };
     let config = ServeConfig {
         listen: args.listen,
         data_dir: args.data_dir,
@@ -534,15 +579,53 @@ async fn serve_with(args: ServeArgs) -> anyhow::Result<ExitCode> {
             .filter(|o| !o.is_empty())
             .collect(),
         metrics_listen: args.metrics_listen,
+        tls,
+        insecure_plaintext: args.insecure_plaintext,
     };
+    // Refused before binding: nothing listens in plaintext, even briefly.
+    config.check_bind_policy(args.listen)?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
     server::serve(config, listener, server::signal()).await?;
     Ok(ExitCode::SUCCESS)
 }
 
 async fn connect(args: &ClientArgs) -> anyhow::Result<PipelineServiceClient<Channel>> {
-    PipelineServiceClient::connect(args.server.clone())
-        .await
-        .with_context(|| format!("cannot reach pipelined at {}", args.server))
+    let mut endpoint = Endpoint::from_shared(args.server.clone())
+        .with_context(|| format!("--server {} is not a URL", args.server))?;
+    if args.server.starts_with("https://") {
+        let read = |path: &PathBuf| {
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
+        };
+        let mut tls = ClientTlsConfig::new();
+        tls = match &args.ca_cert {
+            Some(path) => tls.ca_certificate(Certificate::from_pem(read(path)?)),
+            None => tls.with_webpki_roots(),
+        };
+        match (&args.client_cert, &args.client_key) {
+            (Some(cert), Some(key)) => {
+                tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            (None, None) => {}
+            _ => bail!("--client-cert and --client-key go together"),
+        }
+        endpoint = endpoint.tls_config(tls).context("bad TLS settings")?;
+    } else if args.ca_cert.is_some() || args.client_cert.is_some() || args.client_key.is_some() {
+        bail!(
+            "--ca-cert, --client-cert and --client-key are for TLS: give the server as https://{}",
+            args.server.trim_start_matches("http://")
+        );
+    }
+    let channel = endpoint.connect().await.with_context(|| {
+        let trust = if args.server.starts_with("https://") && args.ca_cert.is_none() {
+            " (trusting the public web CAs only; --ca-cert FILE trusts another)"
+        } else {
+            ""
+        };
+        format!("cannot reach pipelined at {}{trust}", args.server)
+    })?;
+    Ok(PipelineServiceClient::new(channel))
 }
 
 async fn apply(file: &PathBuf, client: &ClientArgs) -> anyhow::Result<ExitCode> {

@@ -3,9 +3,11 @@
 //! Layers, outermost first: [`transport`] (gRPC handlers and conversions),
 //! [`engine`] (executor, runners, watchers) over [`domain`] (definitions,
 //! state machines, data merging), and [`storage`] (SeaORM entities and
-//! queries). [`server`] wires them together; [`cli`] is the command line.
+//! queries). [`server`] wires them together; [`cli`] is the command line,
+//! [`config`] its configuration file.
 
 pub mod cli;
+pub mod config;
 pub mod domain;
 pub mod engine;
 pub mod server;

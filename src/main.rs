@@ -1,6 +1,5 @@
-use clap::Parser;
-
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    pipelined::cli::main(pipelined::cli::Cli::parse()).await
+    // Like `Cli::parse()`, plus `pipelined serve --config FILE`.
+    pipelined::cli::main(pipelined::config::parse()).await
 }

@@ -1,14 +1,16 @@
 //! Starting and stopping the service: storage, engine, gRPC with health and
-//! reflection, gRPC-Web, graceful shutdown.
+//! reflection, gRPC-Web, TLS, graceful shutdown.
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use tokio::net::TcpListener;
+use tokio_util::task::AbortOnDropHandle;
 use tonic::codec::CompressionEncoding;
 use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
@@ -24,6 +26,7 @@ use crate::transport::deadline::DeadlineLayer;
 use crate::transport::decode_errors;
 use crate::transport::request_context::RequestContextLayer;
 use crate::transport::service::PipelineApi;
+use crate::transport::tls::{self, TlsConfig};
 
 /// What `pipelined serve` is configured with.
 #[derive(Debug, Clone)]
@@ -54,6 +57,11 @@ pub struct ServeConfig {
     /// Where to serve Prometheus metrics (`GET /metrics`); `None`: nowhere.
     /// Port 0 picks a free port, logged as `metrics serving addr=...`.
     pub metrics_listen: Option<SocketAddr>,
+    // --- Transport security ---
+    /// Serve TLS with these files; `None`: plaintext.
+    pub tls: Option<TlsConfig>,
+    /// Allow plaintext on an address other than loopback.
+    pub insecure_plaintext: bool,
 }
 
 impl Default for ServeConfig {
@@ -71,6 +79,8 @@ impl Default for ServeConfig {
             lease: Duration::from_secs(15),
             cors_allow_origins: Vec::new(),
             metrics_listen: None,
+            tls: None,
+            insecure_plaintext: false,
         }
     }
 }
@@ -93,6 +103,22 @@ impl ServeConfig {
         let id = uuid::Uuid::now_v7().to_string();
         std::fs::write(&path, &id).with_context(|| format!("cannot write {}", path.display()))?;
         Ok(id)
+    }
+
+    /// Refuses plaintext on `addr` unless it is a loopback address or
+    /// `insecure_plaintext` says something in front secures the traffic: the
+    /// API has no other protection against whoever can reach the port.
+    pub fn check_bind_policy(&self, addr: SocketAddr) -> anyhow::Result<()> {
+        if self.tls.is_some() || self.insecure_plaintext || addr.ip().to_canonical().is_loopback() {
+            return Ok(());
+        }
+        bail!(
+            "refusing to serve plaintext gRPC on {addr}, which is not a loopback address: \
+             anyone who can reach it could read and drive every pipeline. Either serve TLS \
+             with --tls-cert FILE --tls-key FILE (PIPELINED_TLS_CERT, PIPELINED_TLS_KEY), or, \
+             if something in front of the server (a service mesh, a TLS proxy) secures the \
+             traffic, allow plaintext with --insecure-plaintext (PIPELINED_INSECURE_PLAINTEXT=true)"
+        )
     }
 
     /// The database URL in effect, creating the data directory if needed.
@@ -118,6 +144,9 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    config.check_bind_policy(listener.local_addr()?)?;
+    // The TLS files are checked before anything else starts.
+    let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
     let url = config.database_url()?;
     let replica = config.replica_id()?;
     let store = Store::connect(&url, &replica, config.lease)
@@ -164,7 +193,19 @@ pub async fn serve(
         ));
     }
 
-    tracing::info!(addr = %listener.local_addr()?, database = %redact(&url), recovered, "pipelined serving");
+    // Registered before the server says it serves, so that a SIGHUP from
+    // then on reloads rather than ends the process.
+    let _reload_on_sighup = tls
+        .as_ref()
+        .and_then(|(_, cert)| reload_on_sighup(cert.clone()));
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        database = %redact(&url),
+        recovered,
+        tls = tls.is_some(),
+        client_certificates = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()),
+        "pipelined serving"
+    );
     let stopping = engine.shutdown_token();
     let (began, shutdown_began) = tokio::sync::oneshot::channel();
     let on_shutdown = async move {
@@ -179,7 +220,7 @@ pub async fn serve(
         stopping.cancel();
         let _ = began.send(());
     };
-    let serving = tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         // Outermost first: gRPC-Web (CORS, then the translation; plain gRPC
         // passes through both), so every layer inside sees ordinary gRPC and
         // its answers reach browsers translated; then the request id and span
@@ -202,13 +243,18 @@ pub async fn serve(
                 .max_encoding_message_size(limits::MAX_MESSAGE_BYTES)
                 .accept_compressed(CompressionEncoding::Gzip)
                 .send_compressed(CompressionEncoding::Gzip),
-        )
-        .serve_with_incoming_shutdown(
+        );
+    let serving: Pin<Box<dyn Future<Output = _> + Send>> = match tls {
+        Some((acceptor, _)) => Box::pin(
+            router.serve_with_incoming_shutdown(tls::incoming(listener, acceptor), on_shutdown),
+        ),
+        None => Box::pin(router.serve_with_incoming_shutdown(
             // Without TCP_NODELAY a call's trailers, written after its
             // data, wait for the client's delayed ACK: 40 ms per call.
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             on_shutdown,
-        );
+        )),
+    };
     let grace_over = async {
         match shutdown_began.await {
             Ok(()) => tokio::time::sleep(config.shutdown_grace).await,
@@ -237,6 +283,26 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .with_service_name("pipeline.v1.PipelineService")
         .with_service_name("grpc.health.v1.Health")
         .with_service_name("grpc.reflection.v1.ServerReflection")
+}
+
+/// Looks at the certificate files on every SIGHUP, until dropped.
+fn reload_on_sighup(cert: Arc<tls::ReloadingCert>) -> Option<AbortOnDropHandle<()>> {
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    let mut hangup = match hangup {
+        Ok(hangup) => hangup,
+        Err(error) => {
+            tracing::warn!(%error, "cannot handle SIGHUP; the certificate reloads when its files change");
+            return None;
+        }
+    };
+    Some(AbortOnDropHandle::new(tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            // A failure is logged by the reload itself.
+            if cert.reload() == tls::Reload::Unchanged {
+                tracing::info!("SIGHUP: the TLS certificate files have not changed");
+            }
+        }
+    })))
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -1,5 +1,5 @@
 //! Transport: the gRPC service, its conversions and its error table, and
-//! gRPC-Web for browsers.
+//! gRPC-Web for browsers, and TLS.
 
 pub mod convert;
 pub mod deadline;
@@ -8,3 +8,4 @@ pub mod grpc_web;
 pub mod request_context;
 pub mod service;
 pub mod status;
+pub mod tls;

@@ -7,11 +7,12 @@ use pipelined::proto::v1 as pb;
 use pipelined::proto::v1::pipeline_service_client::PipelineServiceClient;
 use pipelined::server::{ServeConfig, serve};
 use pipelined::transport::convert;
+use pipelined::transport::tls::TlsConfig;
 use serde_json::Value;
 use tempfile::TempDir;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 
 pub type Client = PipelineServiceClient<Channel>;
 
@@ -22,6 +23,8 @@ pub const PATIENCE: Duration = Duration::from_secs(30);
 pub struct TestApp {
     pub addr: SocketAddr,
     pub client: Client,
+    /// Whether the server serves TLS (see [`spawn_tls_app`]).
+    tls: bool,
     dir: Option<TempDir>,
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
@@ -39,19 +42,33 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut ServeConfig)) -> TestApp {
         TempDir::new().expect("temp dir"),
         vec!["sh".to_string()],
         tweak,
+        None,
+    )
+    .await
+}
+
+/// Starts a server that serves TLS with `tls`; its `client` connects to
+/// `https://localhost:PORT` with `client_tls`.
+pub async fn spawn_tls_app(tls: TlsConfig, client_tls: ClientTlsConfig) -> TestApp {
+    spawn_app_configured(
+        TempDir::new().expect("temp dir"),
+        vec!["sh".to_string()],
+        |config| config.tls = Some(tls),
+        Some(client_tls),
     )
     .await
 }
 
 /// Starts a server with its database in `dir`.
 pub async fn spawn_app_in(dir: TempDir, allow_commands: Vec<String>) -> TestApp {
-    spawn_app_configured(dir, allow_commands, |_| {}).await
+    spawn_app_configured(dir, allow_commands, |_| {}, None).await
 }
 
 async fn spawn_app_configured(
     dir: TempDir,
     allow_commands: Vec<String>,
     tweak: impl FnOnce(&mut ServeConfig),
+    client_tls: Option<ClientTlsConfig>,
 ) -> TestApp {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -70,10 +87,19 @@ async fn spawn_app_configured(
     let handle = tokio::spawn(serve(config, listener, async move {
         let _ = rx.await;
     }));
-    let client = connect(addr).await;
+    let tls = client_tls.is_some();
+    let client = match client_tls {
+        None => connect(addr).await,
+        Some(client_tls) => PipelineServiceClient::new(
+            tls_channel(addr, client_tls)
+                .await
+                .expect("a TLS connection to the server"),
+        ),
+    };
     TestApp {
         addr,
         client,
+        tls,
         dir: Some(dir),
         shutdown: Some(tx),
         handle: Some(handle),
@@ -122,9 +148,25 @@ pub async fn connect(addr: SocketAddr) -> Client {
     panic!("server at {addr} never accepted a connection");
 }
 
+/// A channel to the TLS server at `addr`, by the name `localhost`.
+pub async fn tls_channel(
+    addr: SocketAddr,
+    client_tls: ClientTlsConfig,
+) -> Result<Channel, tonic::transport::Error> {
+    Channel::from_shared(format!("https://localhost:{}", addr.port()))
+        .unwrap()
+        .tls_config(client_tls)?
+        .connect()
+        .await
+}
+
 impl TestApp {
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        if self.tls {
+            format!("https://localhost:{}", self.addr.port())
+        } else {
+            format!("http://{}", self.addr)
+        }
     }
 
     /// The server's temporary directory (its database lives in `data/`).
@@ -136,7 +178,8 @@ impl TestApp {
         self.dir().join(name)
     }
 
-    /// A channel for other services served on the same port.
+    /// A channel for other services served on the same port (plaintext
+    /// servers; TLS ones: [`tls_channel`]).
     pub async fn channel(&self) -> Channel {
         Channel::from_shared(self.endpoint())
             .unwrap()

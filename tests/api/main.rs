@@ -19,5 +19,6 @@ mod process;
 mod replicas;
 mod service;
 mod telemetry;
+mod tls;
 mod validation;
 mod watch;

@@ -21,7 +21,7 @@ use crate::helpers::{Client, PATIENCE};
 
 /// The log line the server writes once it listens, with the bound address in
 /// its `addr` field.
-const SERVING: &str = "pipelined serving";
+pub const SERVING: &str = "pipelined serving";
 
 /// A `pipelined serve` child process and a client connected to it.
 ///
@@ -201,7 +201,7 @@ async fn wait_for_address(child: &mut Child, log: &Path, run_starts_at: usize) -
 /// The address in a `pipelined serving addr=... ...` log line, with or
 /// without ANSI colours around the field name, or in the `addr` field of a
 /// JSON log line (`--log-format json`).
-fn listen_address(line: &str) -> Option<SocketAddr> {
+pub fn listen_address(line: &str) -> Option<SocketAddr> {
     if line.starts_with('{') {
         let json: serde_json::Value = serde_json::from_str(line).ok()?;
         return json.get("addr")?.as_str()?.parse().ok();
