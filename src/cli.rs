@@ -10,14 +10,19 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 use tonic::Code;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use tonic_types::StatusExt;
 
+use crate::domain::access::Role;
 use crate::domain::data::JsonMap;
 use crate::domain::definition::PipelineSpec;
 use crate::proto::v1 as pb;
 use crate::proto::v1::pipeline_service_client::PipelineServiceClient;
 use crate::server::{self, ServeConfig};
+use crate::transport::auth::{self, AuthConfig};
 use crate::transport::convert;
 
 #[derive(Debug, Parser)]
@@ -142,6 +147,36 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Show the audit trail, newest first (admins only).
+    Audit {
+        /// Only calls of this caller.
+        #[arg(long)]
+        caller: Option<String>,
+        /// Only calls of this RPC, e.g. RunPipeline.
+        #[arg(long)]
+        method: Option<String>,
+        /// Only calls about this pipeline or execution.
+        #[arg(long)]
+        target: Option<String>,
+        /// How many to show.
+        #[arg(long, default_value_t = 50)]
+        limit: i32,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print the SHA-256 of a token read from stdin, for the token file; or,
+    /// with --generate, make a new random token and print it and its line.
+    HashToken {
+        /// Make a new token: prints the token, then the token file line.
+        #[arg(long)]
+        generate: bool,
+        /// The token's name in the file line (with --generate).
+        #[arg(long, default_value = "NAME", requires = "generate")]
+        name: String,
+        /// The token's role in the file line (with --generate).
+        #[arg(long, default_value = "viewer", requires = "generate", value_parser = clap::builder::PossibleValuesParser::new(Role::NAMES))]
+        role: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -192,6 +227,23 @@ pub struct ServeArgs {
     /// Log filter, e.g. info or pipelined=debug.
     #[arg(long, env = "PIPELINED_LOG", default_value = "info")]
     pub log: String,
+    /// File of static bearer tokens, `<name> <role> <sha256-hex>` per line
+    /// (see `pipelined hash-token`). With it or --jwt-jwks, every call but
+    /// health and reflection needs a token.
+    #[arg(long, env = "PIPELINED_AUTH_TOKENS")]
+    pub auth_tokens: Option<PathBuf>,
+    /// JWKS file (JSON) with the public keys that may sign JWTs.
+    #[arg(long, env = "PIPELINED_JWT_JWKS")]
+    pub jwt_jwks: Option<PathBuf>,
+    /// The issuer (`iss`) JWTs must have; required with --jwt-jwks.
+    #[arg(long, env = "PIPELINED_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// The audience (`aud`) JWTs must have; required with --jwt-jwks.
+    #[arg(long, env = "PIPELINED_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// The JWT claim holding the caller's role (viewer, operator or admin).
+    #[arg(long, env = "PIPELINED_JWT_ROLE_CLAIM", default_value = "role")]
+    pub jwt_role_claim: String,
 }
 
 #[derive(Debug, Args)]
@@ -206,6 +258,9 @@ pub struct ClientArgs {
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = Output::Text)]
     output: Output,
+    /// Bearer token sent with every call.
+    #[arg(long, env = "PIPELINED_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -248,6 +303,18 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     match cli.command {
         Command::Serve(args) => serve(args).await,
+        Command::HashToken {
+            generate,
+            name,
+            role,
+        } => hash_token(generate, &name, &role),
+        Command::Audit {
+            caller,
+            method,
+            target,
+            limit,
+            client,
+        } => audit(caller, method, target, limit, &client).await,
         Command::Apply { file, client } => apply(&file, &client).await,
         Command::Run {
             name,
@@ -505,15 +572,144 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             .into_iter()
             .filter(|o| !o.is_empty())
             .collect(),
+        auth: AuthConfig {
+            tokens_file: args.auth_tokens,
+            jwt_jwks: args.jwt_jwks,
+            jwt_issuer: args.jwt_issuer,
+            jwt_audience: args.jwt_audience,
+            jwt_role_claim: args.jwt_role_claim,
+        },
     };
     server::serve(config, listener, server::signal()).await?;
     Ok(ExitCode::SUCCESS)
 }
 
-async fn connect(args: &ClientArgs) -> anyhow::Result<PipelineServiceClient<Channel>> {
-    PipelineServiceClient::connect(args.server.clone())
+/// The API client: every call carries the bearer token, if one is given.
+type Api = PipelineServiceClient<InterceptedService<Channel, BearerToken>>;
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for BearerToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+async fn connect(args: &ClientArgs) -> anyhow::Result<Api> {
+    let token = match args
+        .token
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+    {
+        Some(token) => Some(
+            MetadataValue::try_from(format!("Bearer {token}"))
+                .context("--token must be printable ASCII")?,
+        ),
+        None => None,
+    };
+    let channel = Channel::from_shared(args.server.clone())
+        .with_context(|| format!("{} is not a server URL", args.server))?
+        .connect()
         .await
-        .with_context(|| format!("cannot reach pipelined at {}", args.server))
+        .with_context(|| format!("cannot reach pipelined at {}", args.server))?;
+    Ok(PipelineServiceClient::with_interceptor(
+        channel,
+        BearerToken(token),
+    ))
+}
+
+/// `pipelined hash-token`.
+fn hash_token(generate: bool, name: &str, role: &str) -> anyhow::Result<ExitCode> {
+    if generate {
+        let token = auth::generate_token()?;
+        println!("{token}");
+        println!("{name} {role} {}", auth::hash_token(&token));
+        eprintln!(
+            "the first line is the token, for the caller (shown only now); the second goes in \
+             the --auth-tokens file"
+        );
+    } else {
+        let text = std::io::read_to_string(std::io::stdin())?;
+        let token = text.trim_end_matches(['\n', '\r']);
+        if token.is_empty() {
+            bail!("give the token on stdin, or use --generate");
+        }
+        println!("{}", auth::hash_token(token));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `pipelined audit`.
+async fn audit(
+    caller: Option<String>,
+    method: Option<String>,
+    target: Option<String>,
+    limit: i32,
+    client: &ClientArgs,
+) -> anyhow::Result<ExitCode> {
+    let events = connect(client)
+        .await?
+        .list_audit_events(pb::ListAuditEventsRequest {
+            page_size: limit,
+            page_token: String::new(),
+            caller: caller.unwrap_or_default(),
+            method: method.unwrap_or_default(),
+            target: target.unwrap_or_default(),
+        })
+        .await?
+        .into_inner()
+        .events;
+    match client.output {
+        Output::Json => println!(
+            "{:#}",
+            Value::Array(
+                events
+                    .iter()
+                    .map(|e| json!({
+                        "id": e.id,
+                        "time": opt(e.time.as_ref(), |t| time_text(t).into()),
+                        "caller": e.caller,
+                        "role": e.role,
+                        "method": e.method,
+                        "target": e.target,
+                        "request_id": e.request_id,
+                        "code": e.code,
+                        "message": e.message,
+                    }))
+                    .collect()
+            )
+        ),
+        Output::Text => {
+            println!(
+                "{:<24} {:<16} {:<8} {:<16} {:<38} {:<18} MESSAGE",
+                "TIME", "CALLER", "ROLE", "METHOD", "TARGET", "CODE"
+            );
+            for e in &events {
+                println!(
+                    "{:<24} {:<16} {:<8} {:<16} {:<38} {:<18} {}",
+                    e.time.as_ref().map(time_text).unwrap_or_default(),
+                    e.caller,
+                    e.role,
+                    e.method,
+                    e.target,
+                    e.code,
+                    e.message
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn apply(file: &PathBuf, client: &ClientArgs) -> anyhow::Result<ExitCode> {
@@ -579,7 +775,7 @@ async fn apply(file: &PathBuf, client: &ClientArgs) -> anyhow::Result<ExitCode> 
 
 /// Prints events until the terminal one; the exit code says how it ended.
 async fn watch_events(
-    api: &mut PipelineServiceClient<Channel>,
+    api: &mut Api,
     execution_id: &str,
     after: i64,
     output: Output,

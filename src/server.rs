@@ -17,6 +17,8 @@ use crate::domain::limits;
 use crate::engine::{Engine, EngineConfig};
 use crate::proto::v1::pipeline_service_server::PipelineServiceServer;
 use crate::storage::Store;
+use crate::storage::audit::AuditLog;
+use crate::transport::auth::{AuthConfig, AuthLayer, Authenticator};
 use crate::transport::deadline::DeadlineLayer;
 use crate::transport::decode_errors;
 use crate::transport::request_context::RequestContextLayer;
@@ -47,6 +49,9 @@ pub struct ServeConfig {
     /// Origins whose pages may call the API with gRPC-Web (`*`: any);
     /// empty: no cross-origin browser access.
     pub cors_allow_origins: Vec<String>,
+    /// Who may call: static tokens and/or JWTs; all unset: authentication
+    /// off, every caller an admin.
+    pub auth: AuthConfig,
 }
 
 impl Default for ServeConfig {
@@ -63,6 +68,7 @@ impl Default for ServeConfig {
             replica_id: None,
             lease: Duration::from_secs(15),
             cors_allow_origins: Vec::new(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -110,11 +116,20 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let authenticator = Authenticator::load(&config.auth)?;
+    if authenticator.is_none() && !listener.local_addr()?.ip().is_loopback() {
+        tracing::warn!(
+            addr = %listener.local_addr()?,
+            "authentication is off and the server listens beyond this machine: every caller \
+             is an admin; give --auth-tokens or --jwt-jwks"
+        );
+    }
     let url = config.database_url()?;
     let replica = config.replica_id()?;
     let store = Store::connect(&url, &replica, config.lease)
         .await
         .with_context(|| format!("cannot open database {url}"))?;
+    let audit = AuditLog::start(store.clone());
     let engine = Engine::new(
         store,
         EngineConfig {
@@ -157,10 +172,12 @@ pub async fn serve(
         // Outermost first: gRPC-Web (CORS, then the translation; plain gRPC
         // passes through both), so every layer inside sees ordinary gRPC and
         // its answers reach browsers translated; then the request id and span
-        // around everything else, the caller's deadline, and the status fixes.
+        // around everything else, authentication and roles, the caller's
+        // deadline, and the status fixes.
         .accept_http1(true)
         .layer(grpc_web)
         .layer(RequestContextLayer)
+        .layer(AuthLayer::new(authenticator, audit.clone()))
         .layer(DeadlineLayer)
         .layer(tower::util::MapResponseLayer::new(
             decode_errors::precise_status_for_undecodable,
@@ -169,7 +186,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(
-            PipelineServiceServer::new(PipelineApi::new(engine.clone()))
+            PipelineServiceServer::new(PipelineApi::new(engine.clone(), audit.clone()))
                 .max_decoding_message_size(limits::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(limits::MAX_MESSAGE_BYTES)
                 .accept_compressed(CompressionEncoding::Gzip)
@@ -195,6 +212,7 @@ pub async fn serve(
         ),
     }
     engine.shutdown().await;
+    audit.flush().await;
     tracing::info!("stopped");
     Ok(())
 }
