@@ -155,6 +155,20 @@ pub struct AuditEvent {
     pub message: String,
 }
 
+/// Text from a request as the audit trail keeps it (a target, a method
+/// path): at most 256 bytes of it.
+pub fn clip(mut text: String) -> String {
+    const MAX_LEN: usize = 256;
+    if text.len() > MAX_LEN {
+        let mut end = MAX_LEN;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
+}
+
 /// Filter and page of `ListAuditEvents`.
 #[derive(Debug, Clone, Default)]
 pub struct AuditFilter {
@@ -210,6 +224,15 @@ mod tests {
         };
         assert!(message.contains("step 'b' is a command step"), "{message}");
         assert!(check_definition(&spec, &caller(Role::Admin)).is_ok());
+    }
+
+    #[test]
+    fn clipped_text_keeps_whole_characters() {
+        assert_eq!(clip("short".into()), "short");
+        let long = "é".repeat(200);
+        let clipped = clip(long);
+        assert_eq!(clipped.len(), 256);
+        assert!(clipped.chars().all(|c| c == 'é'));
     }
 
     #[test]

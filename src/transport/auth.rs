@@ -478,7 +478,7 @@ where
                 time: model::now(),
                 caller: caller.name,
                 role: caller.role,
-                method,
+                method: access::clip(method),
                 target: String::new(),
                 request_id: request_id(request.headers()),
                 code: code_name(status.code()).to_string(),

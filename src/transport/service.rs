@@ -48,7 +48,7 @@ impl PipelineApi {
             audit: self.audit.clone(),
             caller: caller(request)?,
             method,
-            target: truncated(target),
+            target: access::clip(target),
             request_id: request
                 .metadata()
                 .get(super::request_context::REQUEST_ID)
@@ -67,19 +67,6 @@ fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
         .get::<Caller>()
         .cloned()
         .ok_or_else(|| Status::unauthenticated("the caller is unknown"))
-}
-
-/// A target as the audit trail keeps it: at most 256 bytes of it.
-fn truncated(mut target: String) -> String {
-    const MAX_TARGET_LEN: usize = 256;
-    if target.len() > MAX_TARGET_LEN {
-        let mut end = MAX_TARGET_LEN;
-        while !target.is_char_boundary(end) {
-            end -= 1;
-        }
-        target.truncate(end);
-    }
-    target
 }
 
 /// A mutating call on its way to the audit trail.
