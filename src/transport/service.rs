@@ -55,6 +55,7 @@ impl PipelineApi {
                 .and_then(|id| id.to_str().ok())
                 .unwrap_or_default()
                 .to_string(),
+            recorded: false,
         })
     }
 }
@@ -69,20 +70,23 @@ fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
         .ok_or_else(|| Status::unauthenticated("the caller is unknown"))
 }
 
-/// A mutating call on its way to the audit trail.
+/// A mutating call on its way to the audit trail. A call dropped before it
+/// is answered (the caller went away, its deadline passed) is recorded as
+/// CANCELLED, since its work may have been done all the same.
 struct Audited {
     audit: AuditLog,
     caller: Caller,
     method: &'static str,
     target: String,
     request_id: String,
+    recorded: bool,
 }
 
 impl Audited {
     /// Records how the call ended and hands its answer on; `note` tells
     /// what a successful call made (a new execution's id).
     fn finish<R>(
-        self,
+        mut self,
         result: Result<Response<R>, Status>,
         note: impl FnOnce(&R) -> String,
     ) -> Result<Response<R>, Status> {
@@ -90,18 +94,36 @@ impl Audited {
             Ok(response) => (tonic::Code::Ok, note(response.get_ref())),
             Err(status) => (status.code(), status.message().to_string()),
         };
+        self.record(code, message);
+        result
+    }
+
+    fn record(&mut self, code: tonic::Code, message: String) {
+        self.recorded = true;
         self.audit.record(AuditEvent {
             id: uuid::Uuid::now_v7().to_string(),
             time: crate::domain::model::now(),
-            caller: self.caller.name,
+            caller: self.caller.name.clone(),
             role: self.caller.role,
             method: self.method.to_string(),
-            target: self.target,
-            request_id: self.request_id,
+            target: std::mem::take(&mut self.target),
+            request_id: std::mem::take(&mut self.request_id),
             code: auth::code_name(code).to_string(),
             message,
         });
-        result
+    }
+}
+
+impl Drop for Audited {
+    fn drop(&mut self) {
+        if !self.recorded {
+            self.record(
+                tonic::Code::Cancelled,
+                "the call ended (its caller went away or its deadline passed) before it was \
+                 answered; its work may have been done"
+                    .to_string(),
+            );
+        }
     }
 }
 
