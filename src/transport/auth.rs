@@ -631,6 +631,54 @@ mod tests {
     }
 
     #[test]
+    fn jwks_keys_are_checked_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwks.json");
+        let rsa = r#"{"kty": "RSA", "n": "AQAB", "e": "AQAB""#;
+        for (keys, expected) in [
+            (
+                r#"{"kty": "oct", "k": "c2VjcmV0"}"#.to_string(),
+                "symmetric (oct) keys are not accepted",
+            ),
+            (
+                format!(r#"{rsa}, "alg": "ES256"}}"#),
+                "alg ES256 does not fit",
+            ),
+            (format!(r#"{rsa}, "use": "enc"}}"#), "has no signing key"),
+        ] {
+            std::fs::write(&path, format!(r#"{{"keys": [{keys}]}}"#)).unwrap();
+            let error = Authenticator::load(&AuthConfig {
+                jwt_jwks: Some(path.clone()),
+                jwt_issuer: Some("https://idp.test".into()),
+                jwt_audience: Some("pipelined".into()),
+                ..AuthConfig::default()
+            })
+            .err()
+            .expect("refused");
+            assert!(format!("{error:#}").contains(expected), "{error:#}");
+        }
+        std::fs::write(&path, format!(r#"{{"keys": [{rsa}, "alg": "RS256"}}]}}"#)).unwrap();
+        let auth = Authenticator::load(&AuthConfig {
+            jwt_jwks: Some(path.clone()),
+            jwt_issuer: Some("https://idp.test".into()),
+            jwt_audience: Some("pipelined".into()),
+            ..AuthConfig::default()
+        })
+        .unwrap()
+        .unwrap();
+        let error = auth.authenticate(&bearer("Bearer a.b.c")).unwrap_err();
+        assert!(
+            error.to_string().starts_with("invalid JWT: malformed"),
+            "{error}"
+        );
+        // Not shaped like a JWT: just an unknown token.
+        assert_eq!(
+            auth.authenticate(&bearer("Bearer abc")),
+            Err(AuthError::UnknownToken)
+        );
+    }
+
+    #[test]
     fn method_names() {
         assert_eq!(
             method_name("/pipeline.v1.PipelineService/RunPipeline"),
