@@ -10,9 +10,13 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::{Value, json};
 use tonic::Code;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 use tonic_types::StatusExt;
 
+use crate::domain::access::Role;
 use crate::domain::data::JsonMap;
 use crate::domain::definition::PipelineSpec;
 use crate::proto::v1 as pb;
@@ -20,6 +24,7 @@ use crate::proto::v1::pipeline_service_client::PipelineServiceClient;
 use crate::server::{self, ServeConfig};
 use crate::telemetry;
 use crate::telemetry::tracing::{LogFormat, TracingConfig};
+use crate::transport::auth::{self, AuthConfig};
 use crate::transport::convert;
 use crate::transport::tls::TlsConfig;
 
@@ -37,7 +42,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the service.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Create a pipeline from a YAML or JSON file, or store it as a new version.
     Apply {
         /// The definition file ('-' for stdin).
@@ -145,6 +150,36 @@ pub enum Command {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Show the audit trail, newest first (admins only).
+    Audit {
+        /// Only calls of this caller.
+        #[arg(long)]
+        caller: Option<String>,
+        /// Only calls of this RPC, e.g. RunPipeline.
+        #[arg(long)]
+        method: Option<String>,
+        /// Only calls about this pipeline or execution.
+        #[arg(long)]
+        target: Option<String>,
+        /// How many to show.
+        #[arg(long, default_value_t = 50)]
+        limit: i32,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Print the SHA-256 of a token read from stdin, for the token file; or,
+    /// with --generate, make a new random token and print it and its line.
+    HashToken {
+        /// Make a new token: prints the token, then the token file line.
+        #[arg(long)]
+        generate: bool,
+        /// The token's name in the file line (with --generate).
+        #[arg(long, default_value = "NAME", requires = "generate")]
+        name: String,
+        /// The token's role in the file line (with --generate).
+        #[arg(long, default_value = "viewer", requires = "generate", value_parser = clap::builder::PossibleValuesParser::new(Role::NAMES))]
+        role: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -232,6 +267,23 @@ pub struct ServeArgs {
         value_parser = clap::builder::FalseyValueParser::new()
     )]
     pub insecure_plaintext: bool,
+    /// File of static bearer tokens, `<name> <role> <sha256-hex>` per line
+    /// (see `pipelined hash-token`). With it or --jwt-jwks, every call but
+    /// health and reflection needs a token.
+    #[arg(long, env = "PIPELINED_AUTH_TOKENS")]
+    pub auth_tokens: Option<PathBuf>,
+    /// JWKS file (JSON) with the public keys that may sign JWTs.
+    #[arg(long, env = "PIPELINED_JWT_JWKS")]
+    pub jwt_jwks: Option<PathBuf>,
+    /// The issuer (`iss`) JWTs must have; required with --jwt-jwks.
+    #[arg(long, env = "PIPELINED_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// The audience (`aud`) JWTs must have; required with --jwt-jwks.
+    #[arg(long, env = "PIPELINED_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// The JWT claim holding the caller's role (viewer, operator or admin).
+    #[arg(long, env = "PIPELINED_JWT_ROLE_CLAIM", default_value = "role")]
+    pub jwt_role_claim: String,
 }
 
 #[derive(Debug, Args)]
@@ -257,6 +309,9 @@ pub struct ClientArgs {
     /// The PEM private key of --client-cert.
     #[arg(long, env = "PIPELINED_CLIENT_KEY")]
     client_key: Option<PathBuf>,
+    /// Bearer token sent with every call.
+    #[arg(long, env = "PIPELINED_TOKEN", hide_env_values = true)]
+    token: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -298,7 +353,19 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
+        Command::HashToken {
+            generate,
+            name,
+            role,
+        } => hash_token(generate, &name, &role),
+        Command::Audit {
+            caller,
+            method,
+            target,
+            limit,
+            client,
+        } => audit(caller, method, target, limit, &client).await,
         Command::Apply { file, client } => apply(&file, &client).await,
         Command::Run {
             name,
@@ -581,6 +648,13 @@ async fn serve_with(args: ServeArgs) -> anyhow::Result<ExitCode> {
         metrics_listen: args.metrics_listen,
         tls,
         insecure_plaintext: args.insecure_plaintext,
+        auth: AuthConfig {
+            tokens_file: args.auth_tokens,
+            jwt_jwks: args.jwt_jwks,
+            jwt_issuer: args.jwt_issuer,
+            jwt_audience: args.jwt_audience,
+            jwt_role_claim: args.jwt_role_claim,
+        },
     };
     // Refused before binding: nothing listens in plaintext, even briefly.
     config.check_bind_policy(args.listen)?;
@@ -591,7 +665,40 @@ async fn serve_with(args: ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn connect(args: &ClientArgs) -> anyhow::Result<PipelineServiceClient<Channel>> {
+/// The API client: every call carries the bearer token, if one is given.
+type Api = PipelineServiceClient<InterceptedService<Channel, BearerToken>>;
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for BearerToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+async fn connect(args: &ClientArgs) -> anyhow::Result<Api> {
+    let token = match args
+        .token
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+    {
+        Some(token) => Some(
+            MetadataValue::try_from(format!("Bearer {token}"))
+                .context("--token must be printable ASCII")?,
+        ),
+        None => None,
+    };
     let mut endpoint = Endpoint::from_shared(args.server.clone())
         .with_context(|| format!("--server {} is not a URL", args.server))?;
     if args.server.starts_with("https://") {
@@ -625,7 +732,93 @@ async fn connect(args: &ClientArgs) -> anyhow::Result<PipelineServiceClient<Chan
         };
         format!("cannot reach pipelined at {}{trust}", args.server)
     })?;
-    Ok(PipelineServiceClient::new(channel))
+    Ok(PipelineServiceClient::with_interceptor(
+        channel,
+        BearerToken(token),
+    ))
+}
+
+/// `pipelined hash-token`.
+fn hash_token(generate: bool, name: &str, role: &str) -> anyhow::Result<ExitCode> {
+    if generate {
+        let token = auth::generate_token()?;
+        println!("{token}");
+        println!("{name} {role} {}", auth::hash_token(&token));
+        eprintln!(
+            "the first line is the token, for the caller (shown only now); the second goes in \
+             the --auth-tokens file"
+        );
+    } else {
+        let text = std::io::read_to_string(std::io::stdin())?;
+        let token = text.trim_end_matches(['\n', '\r']);
+        if token.is_empty() {
+            bail!("give the token on stdin, or use --generate");
+        }
+        println!("{}", auth::hash_token(token));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `pipelined audit`.
+async fn audit(
+    caller: Option<String>,
+    method: Option<String>,
+    target: Option<String>,
+    limit: i32,
+    client: &ClientArgs,
+) -> anyhow::Result<ExitCode> {
+    let events = connect(client)
+        .await?
+        .list_audit_events(pb::ListAuditEventsRequest {
+            page_size: limit,
+            page_token: String::new(),
+            caller: caller.unwrap_or_default(),
+            method: method.unwrap_or_default(),
+            target: target.unwrap_or_default(),
+        })
+        .await?
+        .into_inner()
+        .events;
+    match client.output {
+        Output::Json => println!(
+            "{:#}",
+            Value::Array(
+                events
+                    .iter()
+                    .map(|e| json!({
+                        "id": e.id,
+                        "time": opt(e.time.as_ref(), |t| time_text(t).into()),
+                        "caller": e.caller,
+                        "role": e.role,
+                        "method": e.method,
+                        "target": e.target,
+                        "request_id": e.request_id,
+                        "code": e.code,
+                        "message": e.message,
+                    }))
+                    .collect()
+            )
+        ),
+        Output::Text => {
+            println!(
+                "{:<24} {:<16} {:<8} {:<16} {:<38} {:<18} MESSAGE",
+                "TIME", "CALLER", "ROLE", "METHOD", "TARGET", "CODE"
+            );
+            for e in &events {
+                println!(
+                    "{:<24} {:<16} {:<8} {:<16} {:<38} {:<18} {}",
+                    e.time.as_ref().map(time_text).unwrap_or_default(),
+                    e.caller,
+                    e.role,
+                    e.method,
+                    e.target,
+                    e.code,
+                    e.message
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn apply(file: &PathBuf, client: &ClientArgs) -> anyhow::Result<ExitCode> {
@@ -691,7 +884,7 @@ async fn apply(file: &PathBuf, client: &ClientArgs) -> anyhow::Result<ExitCode> 
 
 /// Prints events until the terminal one; the exit code says how it ended.
 async fn watch_events(
-    api: &mut PipelineServiceClient<Channel>,
+    api: &mut Api,
     execution_id: &str,
     after: i64,
     output: Output,

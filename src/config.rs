@@ -193,7 +193,7 @@ mod tests {
         argv.extend_from_slice(args);
         let matches = command.try_get_matches_from_mut(argv)?;
         match Cli::from_arg_matches(&matches)?.command {
-            Command::Serve(args) => Ok(args),
+            Command::Serve(args) => Ok(*args),
             other => panic!("not serve: {other:?}"),
         }
     }

@@ -20,8 +20,10 @@ use crate::domain::limits;
 use crate::engine::{Engine, EngineConfig};
 use crate::proto::v1::pipeline_service_server::PipelineServiceServer;
 use crate::storage::Store;
+use crate::storage::audit::AuditLog;
 use crate::telemetry;
 use crate::telemetry::metrics::RpcMetricsLayer;
+use crate::transport::auth::{AuthConfig, AuthLayer, Authenticator};
 use crate::transport::deadline::DeadlineLayer;
 use crate::transport::decode_errors;
 use crate::transport::request_context::RequestContextLayer;
@@ -62,6 +64,9 @@ pub struct ServeConfig {
     pub tls: Option<TlsConfig>,
     /// Allow plaintext on an address other than loopback.
     pub insecure_plaintext: bool,
+    /// Who may call: static tokens and/or JWTs; all unset: authentication
+    /// off, every caller an admin.
+    pub auth: AuthConfig,
 }
 
 impl Default for ServeConfig {
@@ -81,6 +86,7 @@ impl Default for ServeConfig {
             metrics_listen: None,
             tls: None,
             insecure_plaintext: false,
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -147,11 +153,20 @@ pub async fn serve(
     config.check_bind_policy(listener.local_addr()?)?;
     // The TLS files are checked before anything else starts.
     let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
+    let authenticator = Authenticator::load(&config.auth)?;
+    if authenticator.is_none() && !listener.local_addr()?.ip().is_loopback() {
+        tracing::warn!(
+            addr = %listener.local_addr()?,
+            "authentication is off and the server listens beyond this machine: every caller \
+             is an admin; give --auth-tokens or --jwt-jwks"
+        );
+    }
     let url = config.database_url()?;
     let replica = config.replica_id()?;
     let store = Store::connect(&url, &replica, config.lease)
         .await
         .with_context(|| format!("cannot open database {url}"))?;
+    let audit = AuditLog::start(store.clone());
     let engine = Engine::new(
         store,
         EngineConfig {
@@ -224,12 +239,14 @@ pub async fn serve(
         // Outermost first: gRPC-Web (CORS, then the translation; plain gRPC
         // passes through both), so every layer inside sees ordinary gRPC and
         // its answers reach browsers translated; then the request id and span
-        // around everything else, the RPC metrics, the caller's deadline, and
-        // the status fixes.
+        // around everything else, the RPC metrics (which count refused calls
+        // too), authentication and roles, the caller's deadline, and the
+        // status fixes.
         .accept_http1(true)
         .layer(grpc_web)
         .layer(RequestContextLayer)
         .layer(RpcMetricsLayer::new(metrics))
+        .layer(AuthLayer::new(authenticator, audit.clone()))
         .layer(DeadlineLayer)
         .layer(tower::util::MapResponseLayer::new(
             decode_errors::precise_status_for_undecodable,
@@ -238,7 +255,7 @@ pub async fn serve(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(
-            PipelineServiceServer::new(PipelineApi::new(engine.clone()))
+            PipelineServiceServer::new(PipelineApi::new(engine.clone(), audit.clone()))
                 .max_decoding_message_size(limits::MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(limits::MAX_MESSAGE_BYTES)
                 .accept_compressed(CompressionEncoding::Gzip)
@@ -269,6 +286,7 @@ pub async fn serve(
         ),
     }
     engine.shutdown().await;
+    audit.flush().await;
     tracing::info!("stopped");
     Ok(())
 }

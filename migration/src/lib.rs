@@ -5,6 +5,7 @@ pub use sea_orm_migration::prelude::*;
 
 mod m20261123_000001_create_tables;
 mod m20261125_000001_durable_execution;
+mod m20261125_000002_audit_events;
 
 /// Every migration, oldest first.
 pub struct Migrator;
@@ -15,6 +16,7 @@ impl MigratorTrait for Migrator {
         vec![
             Box::new(m20261123_000001_create_tables::Migration),
             Box::new(m20261125_000001_durable_execution::Migration),
+            Box::new(m20261125_000002_audit_events::Migration),
         ]
     }
 }

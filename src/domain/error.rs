@@ -52,6 +52,9 @@ pub enum Error {
     /// A bug or a task that died; never expected.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The caller's role does not allow the call (or a step kind in it).
+    #[error("{0}")]
+    PermissionDenied(String),
     /// A storage failure with no domain meaning (database down, corrupt row).
     #[error(transparent)]
     Storage(StoreError),

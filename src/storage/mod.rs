@@ -2,6 +2,7 @@
 //! type, [`Store`]. SQLite (the embedded default) and PostgreSQL share all of
 //! it; the only difference is how connections are pooled.
 
+pub mod audit;
 mod cache;
 pub mod commits;
 pub mod entities;

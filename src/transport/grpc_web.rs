@@ -4,9 +4,10 @@
 //! them. Plain gRPC requests pass through both untouched.
 //!
 //! Cross-origin access is off unless origins are named
-//! (`--cors-allow-origin`): the API has no authentication, and a server that
-//! may run `command` steps must not be drivable by whatever page a browser
-//! on the same machine happens to show. gRPC-Web's content type is not one a
+//! (`--cors-allow-origin`): without authentication configured every caller
+//! is an admin, and a server that may run `command` steps must not be
+//! drivable by whatever page a browser on the same machine happens to show.
+//! Pages send their bearer token in the `authorization` header. gRPC-Web's content type is not one a
 //! page may send cross-origin without asking, so every such call is
 //! preflighted and answered only for listed origins.
 
@@ -18,7 +19,8 @@ use tower::layer::util::Stack;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 /// Request headers a gRPC-Web client sends besides the CORS-safelisted ones.
-const ALLOWED_HEADERS: [&str; 6] = [
+const ALLOWED_HEADERS: [&str; 7] = [
+    "authorization",
     "content-type",
     "x-grpc-web",
     "x-user-agent",

@@ -1,6 +1,7 @@
 //! Transport: the gRPC service, its conversions and its error table, and
 //! gRPC-Web for browsers, and TLS.
 
+pub mod auth;
 pub mod convert;
 pub mod deadline;
 pub mod decode_errors;

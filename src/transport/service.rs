@@ -6,14 +6,17 @@ use std::pin::Pin;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
+use super::auth;
 use super::convert::{self, Violations};
 use crate::domain::Error;
+use crate::domain::access::{self, AuditEvent, AuditFilter, Caller};
 use crate::domain::limits;
 use crate::domain::model::RunRequest;
 use crate::engine::{AllEventsFilter, Engine, WatchItem};
 use crate::proto::v1 as pb;
 use crate::proto::v1::pipeline_service_server::PipelineService;
 use crate::storage::ExecutionFilter;
+use crate::storage::audit::AuditLog;
 
 const MAX_PAGE_SIZE: i32 = 1000;
 const MAX_CORRELATION_ID_LEN: usize = 256;
@@ -24,11 +27,103 @@ const MAX_LABEL_LEN: usize = 256;
 /// The gRPC face of the [`Engine`].
 pub struct PipelineApi {
     engine: Engine,
+    audit: AuditLog,
 }
 
 impl PipelineApi {
-    pub fn new(engine: Engine) -> Self {
-        Self { engine }
+    /// Mutating calls are recorded in `audit`.
+    pub fn new(engine: Engine, audit: AuditLog) -> Self {
+        Self { engine, audit }
+    }
+
+    /// Starts the audit record of a mutating call about `target`.
+    fn audited<T>(
+        &self,
+        request: &Request<T>,
+        method: &'static str,
+        target: String,
+    ) -> Result<Audited, Status> {
+        debug_assert!(access::is_mutating(method));
+        Ok(Audited {
+            audit: self.audit.clone(),
+            caller: caller(request)?,
+            method,
+            target: access::clip(target),
+            request_id: request
+                .metadata()
+                .get(super::request_context::REQUEST_ID)
+                .and_then(|id| id.to_str().ok())
+                .unwrap_or_default()
+                .to_string(),
+            recorded: false,
+        })
+    }
+}
+
+/// The caller the auth layer found; a call without one (the layer not in
+/// place) is refused rather than served as nobody.
+fn caller<T>(request: &Request<T>) -> Result<Caller, Status> {
+    request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .ok_or_else(|| Status::unauthenticated("the caller is unknown"))
+}
+
+/// A mutating call on its way to the audit trail. A call dropped before it
+/// is answered (the caller went away, its deadline passed) is recorded as
+/// CANCELLED, since its work may have been done all the same.
+struct Audited {
+    audit: AuditLog,
+    caller: Caller,
+    method: &'static str,
+    target: String,
+    request_id: String,
+    recorded: bool,
+}
+
+impl Audited {
+    /// Records how the call ended and hands its answer on; `note` tells
+    /// what a successful call made (a new execution's id).
+    fn finish<R>(
+        mut self,
+        result: Result<Response<R>, Status>,
+        note: impl FnOnce(&R) -> String,
+    ) -> Result<Response<R>, Status> {
+        let (code, message) = match &result {
+            Ok(response) => (tonic::Code::Ok, note(response.get_ref())),
+            Err(status) => (status.code(), status.message().to_string()),
+        };
+        self.record(code, message);
+        result
+    }
+
+    fn record(&mut self, code: tonic::Code, message: String) {
+        self.recorded = true;
+        self.audit.record(AuditEvent {
+            id: uuid::Uuid::now_v7().to_string(),
+            time: crate::domain::model::now(),
+            caller: self.caller.name.clone(),
+            role: self.caller.role,
+            method: self.method.to_string(),
+            target: std::mem::take(&mut self.target),
+            request_id: std::mem::take(&mut self.request_id),
+            code: auth::code_name(code).to_string(),
+            message,
+        });
+    }
+}
+
+impl Drop for Audited {
+    fn drop(&mut self) {
+        if !self.recorded {
+            self.record(
+                tonic::Code::Cancelled,
+                "the call ended (its caller went away or its deadline passed) before it was \
+                 answered; its work may have been done"
+                    .to_string(),
+            );
+        }
     }
 }
 
@@ -99,15 +194,22 @@ impl PipelineService for PipelineApi {
         &self,
         request: Request<pb::CreatePipelineRequest>,
     ) -> Result<Response<pb::CreatePipelineResponse>, Status> {
-        let spec = convert::spec_from_proto(request.into_inner().pipeline, "pipeline")?;
-        let pipeline = self
-            .engine
-            .create_pipeline(spec)
-            .await
-            .map_err(|e| convert::prefix_paths(e, "pipeline"))?;
-        Ok(Response::new(pb::CreatePipelineResponse {
-            pipeline: Some(convert::pipeline_to_proto(&pipeline)),
-        }))
+        let target = request.get_ref().pipeline.as_ref().map(|p| p.name.clone());
+        let audited = self.audited(&request, "CreatePipeline", target.unwrap_or_default())?;
+        let result: Result<_, Status> = async {
+            let spec = convert::spec_from_proto(request.into_inner().pipeline, "pipeline")?;
+            access::check_definition(&spec, &audited.caller)?;
+            let pipeline = self
+                .engine
+                .create_pipeline(spec)
+                .await
+                .map_err(|e| convert::prefix_paths(e, "pipeline"))?;
+            Ok(Response::new(pb::CreatePipelineResponse {
+                pipeline: Some(convert::pipeline_to_proto(&pipeline)),
+            }))
+        }
+        .await;
+        audited.finish(result, |_| String::new())
     }
 
     async fn get_pipeline(
@@ -154,79 +256,106 @@ impl PipelineService for PipelineApi {
         &self,
         request: Request<pb::UpdatePipelineRequest>,
     ) -> Result<Response<pb::UpdatePipelineResponse>, Status> {
-        let spec = convert::spec_from_proto(request.into_inner().pipeline, "pipeline")?;
-        let pipeline = self
-            .engine
-            .update_pipeline(spec)
-            .await
-            .map_err(|e| convert::prefix_paths(e, "pipeline"))?;
-        Ok(Response::new(pb::UpdatePipelineResponse {
-            pipeline: Some(convert::pipeline_to_proto(&pipeline)),
-        }))
+        let target = request.get_ref().pipeline.as_ref().map(|p| p.name.clone());
+        let audited = self.audited(&request, "UpdatePipeline", target.unwrap_or_default())?;
+        let result: Result<_, Status> = async {
+            let spec = convert::spec_from_proto(request.into_inner().pipeline, "pipeline")?;
+            access::check_definition(&spec, &audited.caller)?;
+            let pipeline = self
+                .engine
+                .update_pipeline(spec)
+                .await
+                .map_err(|e| convert::prefix_paths(e, "pipeline"))?;
+            Ok(Response::new(pb::UpdatePipelineResponse {
+                pipeline: Some(convert::pipeline_to_proto(&pipeline)),
+            }))
+        }
+        .await;
+        audited.finish(result, |_| String::new())
     }
 
     async fn delete_pipeline(
         &self,
         request: Request<pb::DeletePipelineRequest>,
     ) -> Result<Response<pb::DeletePipelineResponse>, Status> {
-        let request = request.into_inner();
-        required(&request.name, "name")?;
-        self.engine.delete_pipeline(&request.name).await?;
-        Ok(Response::new(pb::DeletePipelineResponse {}))
+        let audited = self.audited(&request, "DeletePipeline", request.get_ref().name.clone())?;
+        let result: Result<_, Status> = async {
+            let request = request.into_inner();
+            required(&request.name, "name")?;
+            self.engine.delete_pipeline(&request.name).await?;
+            Ok(Response::new(pb::DeletePipelineResponse {}))
+        }
+        .await;
+        audited.finish(result, |_| String::new())
     }
 
     async fn run_pipeline(
         &self,
         request: Request<pb::RunPipelineRequest>,
     ) -> Result<Response<pb::RunPipelineResponse>, Status> {
-        let request = request.into_inner();
-        let mut v = Violations::default();
-        if request.pipeline_name.is_empty() {
-            v.add("pipeline_name", "is required");
-        }
-        if request.correlation_id.len() > MAX_CORRELATION_ID_LEN {
-            v.add(
-                "correlation_id",
-                format!("must be at most {MAX_CORRELATION_ID_LEN} bytes"),
-            );
-        }
-        if request.request_id.len() > MAX_REQUEST_ID_LEN {
-            v.add(
-                "request_id",
-                format!("must be at most {MAX_REQUEST_ID_LEN} bytes"),
-            );
-        }
-        check_labels(&request.labels, &mut v);
-        let input = convert::struct_to_json(request.input, "input", &mut v);
-        if let Err(problem) = limits::check_object(&input, limits::MAX_INPUT_BYTES) {
-            v.add("input", format!("the input {problem}"));
-        } else if limits::contains_nul(&input) {
-            v.add("input", "must not hold NUL characters");
-        }
-        for (field, text) in [
-            ("correlation_id", &request.correlation_id),
-            ("request_id", &request.request_id),
-        ] {
-            if text.contains('\0') {
-                v.add(field, "must not hold NUL characters");
+        let audited = self.audited(
+            &request,
+            "RunPipeline",
+            request.get_ref().pipeline_name.clone(),
+        )?;
+        let result: Result<_, Status> = async {
+            let request = request.into_inner();
+            let mut v = Violations::default();
+            if request.pipeline_name.is_empty() {
+                v.add("pipeline_name", "is required");
             }
+            if request.correlation_id.len() > MAX_CORRELATION_ID_LEN {
+                v.add(
+                    "correlation_id",
+                    format!("must be at most {MAX_CORRELATION_ID_LEN} bytes"),
+                );
+            }
+            if request.request_id.len() > MAX_REQUEST_ID_LEN {
+                v.add(
+                    "request_id",
+                    format!("must be at most {MAX_REQUEST_ID_LEN} bytes"),
+                );
+            }
+            check_labels(&request.labels, &mut v);
+            let input = convert::struct_to_json(request.input, "input", &mut v);
+            if let Err(problem) = limits::check_object(&input, limits::MAX_INPUT_BYTES) {
+                v.add("input", format!("the input {problem}"));
+            } else if limits::contains_nul(&input) {
+                v.add("input", "must not hold NUL characters");
+            }
+            for (field, text) in [
+                ("correlation_id", &request.correlation_id),
+                ("request_id", &request.request_id),
+            ] {
+                if text.contains('\0') {
+                    v.add(field, "must not hold NUL characters");
+                }
+            }
+            let trigger = convert::trigger_from_proto(request.trigger, &mut v);
+            if limits::contains_nul(&trigger.data) {
+                v.add("trigger.data", "must not hold NUL characters");
+            }
+            let run = v.into_result(RunRequest {
+                pipeline_name: request.pipeline_name,
+                input,
+                trigger,
+                correlation_id: request.correlation_id,
+                labels: request.labels.into_iter().collect(),
+                request_id: (!request.request_id.is_empty()).then_some(request.request_id),
+            })?;
+            let execution = self.engine.run_pipeline(run).await?;
+            Ok(Response::new(pb::RunPipelineResponse {
+                execution: Some(convert::execution_to_proto(&execution)),
+            }))
         }
-        let trigger = convert::trigger_from_proto(request.trigger, &mut v);
-        if limits::contains_nul(&trigger.data) {
-            v.add("trigger.data", "must not hold NUL characters");
-        }
-        let run = v.into_result(RunRequest {
-            pipeline_name: request.pipeline_name,
-            input,
-            trigger,
-            correlation_id: request.correlation_id,
-            labels: request.labels.into_iter().collect(),
-            request_id: (!request.request_id.is_empty()).then_some(request.request_id),
-        })?;
-        let execution = self.engine.run_pipeline(run).await?;
-        Ok(Response::new(pb::RunPipelineResponse {
-            execution: Some(convert::execution_to_proto(&execution)),
-        }))
+        .await;
+        audited.finish(result, |response| {
+            response
+                .execution
+                .as_ref()
+                .map(|e| format!("execution {}", e.id))
+                .unwrap_or_default()
+        })
     }
 
     async fn get_execution(
@@ -280,52 +409,88 @@ impl PipelineService for PipelineApi {
         &self,
         request: Request<pb::CancelExecutionRequest>,
     ) -> Result<Response<pb::CancelExecutionResponse>, Status> {
-        let request = request.into_inner();
-        let id = execution_id(&request.execution_id)?;
-        let mut v = Violations::default();
-        let mode = convert::cancel_mode_from_proto(request.mode, &mut v);
-        v.into_result(())?;
-        let execution = self.engine.cancel_execution(id, mode).await?;
-        Ok(Response::new(pb::CancelExecutionResponse {
-            execution: Some(convert::execution_to_proto(&execution)),
-        }))
+        let audited = self.audited(
+            &request,
+            "CancelExecution",
+            request.get_ref().execution_id.clone(),
+        )?;
+        let result: Result<_, Status> = async {
+            let request = request.into_inner();
+            let id = execution_id(&request.execution_id)?;
+            let mut v = Violations::default();
+            let mode = convert::cancel_mode_from_proto(request.mode, &mut v);
+            v.into_result(())?;
+            let execution = self.engine.cancel_execution(id, mode).await?;
+            Ok(Response::new(pb::CancelExecutionResponse {
+                execution: Some(convert::execution_to_proto(&execution)),
+            }))
+        }
+        .await;
+        audited.finish(result, |_| String::new())
     }
 
     async fn retry_execution(
         &self,
         request: Request<pb::RetryExecutionRequest>,
     ) -> Result<Response<pb::RetryExecutionResponse>, Status> {
-        let request = request.into_inner();
-        let id = execution_id(&request.execution_id)?;
-        let from_step = (!request.from_step.is_empty()).then_some(request.from_step.as_str());
-        let execution = self.engine.retry_execution(id, from_step).await?;
-        Ok(Response::new(pb::RetryExecutionResponse {
-            execution: Some(convert::execution_to_proto(&execution)),
-        }))
+        let audited = self.audited(
+            &request,
+            "RetryExecution",
+            request.get_ref().execution_id.clone(),
+        )?;
+        let result: Result<_, Status> = async {
+            let request = request.into_inner();
+            let id = execution_id(&request.execution_id)?;
+            let from_step = (!request.from_step.is_empty()).then_some(request.from_step.as_str());
+            let execution = self.engine.retry_execution(id, from_step).await?;
+            Ok(Response::new(pb::RetryExecutionResponse {
+                execution: Some(convert::execution_to_proto(&execution)),
+            }))
+        }
+        .await;
+        audited.finish(result, |_| String::new())
     }
 
     async fn pause_execution(
         &self,
         request: Request<pb::PauseExecutionRequest>,
     ) -> Result<Response<pb::PauseExecutionResponse>, Status> {
-        let request = request.into_inner();
-        let id = execution_id(&request.execution_id)?;
-        let execution = self.engine.pause_execution(id).await?;
-        Ok(Response::new(pb::PauseExecutionResponse {
-            execution: Some(convert::execution_to_proto(&execution)),
-        }))
+        let audited = self.audited(
+            &request,
+            "PauseExecution",
+            request.get_ref().execution_id.clone(),
+        )?;
+        let result: Result<_, Status> = async {
+            let request = request.into_inner();
+            let id = execution_id(&request.execution_id)?;
+            let execution = self.engine.pause_execution(id).await?;
+            Ok(Response::new(pb::PauseExecutionResponse {
+                execution: Some(convert::execution_to_proto(&execution)),
+            }))
+        }
+        .await;
+        audited.finish(result, |_| String::new())
     }
 
     async fn resume_execution(
         &self,
         request: Request<pb::ResumeExecutionRequest>,
     ) -> Result<Response<pb::ResumeExecutionResponse>, Status> {
-        let request = request.into_inner();
-        let id = execution_id(&request.execution_id)?;
-        let execution = self.engine.resume_execution(id).await?;
-        Ok(Response::new(pb::ResumeExecutionResponse {
-            execution: Some(convert::execution_to_proto(&execution)),
-        }))
+        let audited = self.audited(
+            &request,
+            "ResumeExecution",
+            request.get_ref().execution_id.clone(),
+        )?;
+        let result: Result<_, Status> = async {
+            let request = request.into_inner();
+            let id = execution_id(&request.execution_id)?;
+            let execution = self.engine.resume_execution(id).await?;
+            Ok(Response::new(pb::ResumeExecutionResponse {
+                execution: Some(convert::execution_to_proto(&execution)),
+            }))
+        }
+        .await;
+        audited.finish(result, |_| String::new())
     }
 
     type WatchExecutionStream = WatchStream;
@@ -375,5 +540,48 @@ impl PipelineService for PipelineApi {
             .map_err(Status::from)
         });
         Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn list_audit_events(
+        &self,
+        request: Request<pb::ListAuditEventsRequest>,
+    ) -> Result<Response<pb::ListAuditEventsResponse>, Status> {
+        let request = request.into_inner();
+        let limit = page_size(request.page_size, 50)?;
+        if !request.page_token.is_empty() && uuid::Uuid::parse_str(&request.page_token).is_err() {
+            return Err(Error::invalid("page_token", "is not a token this server returned").into());
+        }
+        let some = |text: String| (!text.is_empty()).then_some(text);
+        let filter = AuditFilter {
+            caller: some(request.caller),
+            method: some(request.method),
+            target: some(request.target),
+            before_id: some(request.page_token),
+            limit: limit + 1,
+        };
+        let mut events = self.audit.list(&filter).await.map_err(Error::from)?;
+        let next_page_token = if events.len() as u64 > limit {
+            events.truncate(limit as usize);
+            events.last().map(|e| e.id.clone()).unwrap_or_default()
+        } else {
+            String::new()
+        };
+        Ok(Response::new(pb::ListAuditEventsResponse {
+            events: events
+                .into_iter()
+                .map(|e| pb::AuditEvent {
+                    id: e.id,
+                    time: Some(convert::timestamp(e.time)),
+                    caller: e.caller,
+                    role: e.role.as_str().to_string(),
+                    method: e.method,
+                    target: e.target,
+                    request_id: e.request_id,
+                    code: e.code,
+                    message: e.message,
+                })
+                .collect(),
+            next_page_token,
+        }))
     }
 }

@@ -38,6 +38,7 @@ impl From<Error> for Status {
             Error::ResourceExhausted(_) => Status::resource_exhausted(message),
             Error::Lagged(_) => Status::aborted(message),
             Error::ShuttingDown | Error::Unavailable(_) => Status::unavailable(message),
+            Error::PermissionDenied(_) => Status::permission_denied(message),
             Error::Internal(_) => {
                 tracing::error!(%message, "internal error");
                 Status::internal(message)
@@ -71,4 +72,11 @@ pub fn deadline_exceeded(timeout: Duration) -> Status {
         "deadline exceeded: the call's grpc-timeout of {} passed",
         humantime::format_duration(timeout)
     ))
+}
+
+/// Refused credentials: UNAUTHENTICATED, saying what was wrong.
+impl From<super::auth::AuthError> for Status {
+    fn from(error: super::auth::AuthError) -> Self {
+        Status::unauthenticated(error.to_string())
+    }
 }

@@ -384,3 +384,33 @@ pub async fn wait_until_within(limit: Duration, what: &str, mut condition: impl 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A client that sends `authorization: Bearer <token>` with every call.
+pub type TokenClient =
+    PipelineServiceClient<tonic::service::interceptor::InterceptedService<Channel, BearerToken>>;
+
+/// Adds the bearer token to every call.
+#[derive(Clone)]
+pub struct BearerToken(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        request
+            .metadata_mut()
+            .insert("authorization", self.0.clone());
+        Ok(request)
+    }
+}
+
+impl TestApp {
+    /// A client of this server that authenticates with `token`.
+    pub async fn client_with_token(&self, token: &str) -> TokenClient {
+        PipelineServiceClient::with_interceptor(
+            self.channel().await,
+            BearerToken(format!("Bearer {token}").parse().expect("an ASCII token")),
+        )
+    }
+}

@@ -2,6 +2,7 @@
 //! dir, spoken to with the generated tonic client over TCP.
 
 mod admission;
+mod auth;
 mod cancel_retry;
 mod cli;
 mod conditions;

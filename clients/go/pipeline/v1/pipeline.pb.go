@@ -3610,6 +3610,263 @@ func (x *WatchExecutionsResponse) GetHeartbeat() *Heartbeat {
 	return nil
 }
 
+// Request of ListAuditEvents.
+type ListAuditEventsRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Maximum events to return, 1 to 1000; 0 means 50.
+	PageSize int32 `protobuf:"varint,1,opt,name=page_size,json=pageSize,proto3" json:"page_size,omitempty"`
+	// `next_page_token` of the previous page; empty for the first page.
+	PageToken string `protobuf:"bytes,2,opt,name=page_token,json=pageToken,proto3" json:"page_token,omitempty"`
+	// Only events of this caller (a token's name or a JWT's subject); empty for all.
+	Caller string `protobuf:"bytes,3,opt,name=caller,proto3" json:"caller,omitempty"`
+	// Only events of this RPC, by its name (`RunPipeline`); empty for all.
+	Method string `protobuf:"bytes,4,opt,name=method,proto3" json:"method,omitempty"`
+	// Only events about this pipeline name or execution id; empty for all.
+	Target        string `protobuf:"bytes,5,opt,name=target,proto3" json:"target,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListAuditEventsRequest) Reset() {
+	*x = ListAuditEventsRequest{}
+	mi := &file_pipeline_v1_pipeline_proto_msgTypes[45]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListAuditEventsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListAuditEventsRequest) ProtoMessage() {}
+
+func (x *ListAuditEventsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_pipeline_v1_pipeline_proto_msgTypes[45]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListAuditEventsRequest.ProtoReflect.Descriptor instead.
+func (*ListAuditEventsRequest) Descriptor() ([]byte, []int) {
+	return file_pipeline_v1_pipeline_proto_rawDescGZIP(), []int{45}
+}
+
+func (x *ListAuditEventsRequest) GetPageSize() int32 {
+	if x != nil {
+		return x.PageSize
+	}
+	return 0
+}
+
+func (x *ListAuditEventsRequest) GetPageToken() string {
+	if x != nil {
+		return x.PageToken
+	}
+	return ""
+}
+
+func (x *ListAuditEventsRequest) GetCaller() string {
+	if x != nil {
+		return x.Caller
+	}
+	return ""
+}
+
+func (x *ListAuditEventsRequest) GetMethod() string {
+	if x != nil {
+		return x.Method
+	}
+	return ""
+}
+
+func (x *ListAuditEventsRequest) GetTarget() string {
+	if x != nil {
+		return x.Target
+	}
+	return ""
+}
+
+// Response of ListAuditEvents.
+type ListAuditEventsResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Events, newest first.
+	Events []*AuditEvent `protobuf:"bytes,1,rep,name=events,proto3" json:"events,omitempty"`
+	// Token for the next page; empty when this is the last page.
+	NextPageToken string `protobuf:"bytes,2,opt,name=next_page_token,json=nextPageToken,proto3" json:"next_page_token,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ListAuditEventsResponse) Reset() {
+	*x = ListAuditEventsResponse{}
+	mi := &file_pipeline_v1_pipeline_proto_msgTypes[46]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ListAuditEventsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ListAuditEventsResponse) ProtoMessage() {}
+
+func (x *ListAuditEventsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_pipeline_v1_pipeline_proto_msgTypes[46]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ListAuditEventsResponse.ProtoReflect.Descriptor instead.
+func (*ListAuditEventsResponse) Descriptor() ([]byte, []int) {
+	return file_pipeline_v1_pipeline_proto_rawDescGZIP(), []int{46}
+}
+
+func (x *ListAuditEventsResponse) GetEvents() []*AuditEvent {
+	if x != nil {
+		return x.Events
+	}
+	return nil
+}
+
+func (x *ListAuditEventsResponse) GetNextPageToken() string {
+	if x != nil {
+		return x.NextPageToken
+	}
+	return ""
+}
+
+// One call recorded in the audit trail.
+type AuditEvent struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// The event's id; ids sort by time.
+	Id string `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	// When the call was answered (or refused).
+	Time *timestamppb.Timestamp `protobuf:"bytes,2,opt,name=time,proto3" json:"time,omitempty"`
+	// Who called: a token's name, a JWT's subject, or `anonymous` when
+	// authentication is off.
+	Caller string `protobuf:"bytes,3,opt,name=caller,proto3" json:"caller,omitempty"`
+	// The caller's role: `viewer`, `operator` or `admin`.
+	Role string `protobuf:"bytes,4,opt,name=role,proto3" json:"role,omitempty"`
+	// The RPC, by its name (`CancelExecution`).
+	Method string `protobuf:"bytes,5,opt,name=method,proto3" json:"method,omitempty"`
+	// The pipeline name or execution id the call was about; empty when the
+	// call was refused before its request was read.
+	Target string `protobuf:"bytes,6,opt,name=target,proto3" json:"target,omitempty"`
+	// The call's request id (`x-request-id`), as in the server's logs.
+	RequestId string `protobuf:"bytes,7,opt,name=request_id,json=requestId,proto3" json:"request_id,omitempty"`
+	// How the call ended: a gRPC status code name (`OK`, `PERMISSION_DENIED`).
+	Code string `protobuf:"bytes,8,opt,name=code,proto3" json:"code,omitempty"`
+	// The status message of a failed call; for a started execution, its id.
+	Message       string `protobuf:"bytes,9,opt,name=message,proto3" json:"message,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AuditEvent) Reset() {
+	*x = AuditEvent{}
+	mi := &file_pipeline_v1_pipeline_proto_msgTypes[47]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AuditEvent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AuditEvent) ProtoMessage() {}
+
+func (x *AuditEvent) ProtoReflect() protoreflect.Message {
+	mi := &file_pipeline_v1_pipeline_proto_msgTypes[47]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AuditEvent.ProtoReflect.Descriptor instead.
+func (*AuditEvent) Descriptor() ([]byte, []int) {
+	return file_pipeline_v1_pipeline_proto_rawDescGZIP(), []int{47}
+}
+
+func (x *AuditEvent) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *AuditEvent) GetTime() *timestamppb.Timestamp {
+	if x != nil {
+		return x.Time
+	}
+	return nil
+}
+
+func (x *AuditEvent) GetCaller() string {
+	if x != nil {
+		return x.Caller
+	}
+	return ""
+}
+
+func (x *AuditEvent) GetRole() string {
+	if x != nil {
+		return x.Role
+	}
+	return ""
+}
+
+func (x *AuditEvent) GetMethod() string {
+	if x != nil {
+		return x.Method
+	}
+	return ""
+}
+
+func (x *AuditEvent) GetTarget() string {
+	if x != nil {
+		return x.Target
+	}
+	return ""
+}
+
+func (x *AuditEvent) GetRequestId() string {
+	if x != nil {
+		return x.RequestId
+	}
+	return ""
+}
+
+func (x *AuditEvent) GetCode() string {
+	if x != nil {
+		return x.Code
+	}
+	return ""
+}
+
+func (x *AuditEvent) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
 var File_pipeline_v1_pipeline_proto protoreflect.FileDescriptor
 
 const file_pipeline_v1_pipeline_proto_rawDesc = "" +
@@ -3849,7 +4106,29 @@ const file_pipeline_v1_pipeline_proto_rawDesc = "" +
 	"\x05types\x18\x03 \x03(\x0e2\x16.pipeline.v1.EventTypeR\x05types\"\x82\x01\n" +
 	"\x17WatchExecutionsResponse\x121\n" +
 	"\x05event\x18\x01 \x01(\v2\x1b.pipeline.v1.ExecutionEventR\x05event\x124\n" +
-	"\theartbeat\x18\x02 \x01(\v2\x16.pipeline.v1.HeartbeatR\theartbeat*\x90\x01\n" +
+	"\theartbeat\x18\x02 \x01(\v2\x16.pipeline.v1.HeartbeatR\theartbeat\"\x9c\x01\n" +
+	"\x16ListAuditEventsRequest\x12\x1b\n" +
+	"\tpage_size\x18\x01 \x01(\x05R\bpageSize\x12\x1d\n" +
+	"\n" +
+	"page_token\x18\x02 \x01(\tR\tpageToken\x12\x16\n" +
+	"\x06caller\x18\x03 \x01(\tR\x06caller\x12\x16\n" +
+	"\x06method\x18\x04 \x01(\tR\x06method\x12\x16\n" +
+	"\x06target\x18\x05 \x01(\tR\x06target\"r\n" +
+	"\x17ListAuditEventsResponse\x12/\n" +
+	"\x06events\x18\x01 \x03(\v2\x17.pipeline.v1.AuditEventR\x06events\x12&\n" +
+	"\x0fnext_page_token\x18\x02 \x01(\tR\rnextPageToken\"\xf5\x01\n" +
+	"\n" +
+	"AuditEvent\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12.\n" +
+	"\x04time\x18\x02 \x01(\v2\x1a.google.protobuf.TimestampR\x04time\x12\x16\n" +
+	"\x06caller\x18\x03 \x01(\tR\x06caller\x12\x12\n" +
+	"\x04role\x18\x04 \x01(\tR\x04role\x12\x16\n" +
+	"\x06method\x18\x05 \x01(\tR\x06method\x12\x16\n" +
+	"\x06target\x18\x06 \x01(\tR\x06target\x12\x1d\n" +
+	"\n" +
+	"request_id\x18\a \x01(\tR\trequestId\x12\x12\n" +
+	"\x04code\x18\b \x01(\tR\x04code\x12\x18\n" +
+	"\amessage\x18\t \x01(\tR\amessage*\x90\x01\n" +
 	"\x0fConcurrencyMode\x12 \n" +
 	"\x1cCONCURRENCY_MODE_UNSPECIFIED\x10\x00\x12\x1a\n" +
 	"\x16CONCURRENCY_MODE_QUEUE\x10\x01\x12\x1b\n" +
@@ -3912,8 +4191,7 @@ const file_pipeline_v1_pipeline_proto_rawDesc = "" +
 	"CancelMode\x12\x1b\n" +
 	"\x17CANCEL_MODE_UNSPECIFIED\x10\x00\x12\x18\n" +
 	"\x14CANCEL_MODE_GRACEFUL\x10\x01\x12\x19\n" +
-	"\x15CANCEL_MODE_TERMINATE\x10\x022\xaf\n" +
-	"\n" +
+	"\x15CANCEL_MODE_TERMINATE\x10\x022\x92\v\n" +
 	"\x0fPipelineService\x12Y\n" +
 	"\x0eCreatePipeline\x12\".pipeline.v1.CreatePipelineRequest\x1a#.pipeline.v1.CreatePipelineResponse\x12U\n" +
 	"\vGetPipeline\x12\x1f.pipeline.v1.GetPipelineRequest\x1a .pipeline.v1.GetPipelineResponse\"\x03\x90\x02\x01\x12[\n" +
@@ -3928,7 +4206,8 @@ const file_pipeline_v1_pipeline_proto_rawDesc = "" +
 	"\x0ePauseExecution\x12\".pipeline.v1.PauseExecutionRequest\x1a#.pipeline.v1.PauseExecutionResponse\"\x03\x90\x02\x02\x12a\n" +
 	"\x0fResumeExecution\x12#.pipeline.v1.ResumeExecutionRequest\x1a$.pipeline.v1.ResumeExecutionResponse\"\x03\x90\x02\x02\x12`\n" +
 	"\x0eWatchExecution\x12\".pipeline.v1.WatchExecutionRequest\x1a#.pipeline.v1.WatchExecutionResponse\"\x03\x90\x02\x010\x01\x12c\n" +
-	"\x0fWatchExecutions\x12#.pipeline.v1.WatchExecutionsRequest\x1a$.pipeline.v1.WatchExecutionsResponse\"\x03\x90\x02\x010\x01B\xaf\x01\n" +
+	"\x0fWatchExecutions\x12#.pipeline.v1.WatchExecutionsRequest\x1a$.pipeline.v1.WatchExecutionsResponse\"\x03\x90\x02\x010\x01\x12a\n" +
+	"\x0fListAuditEvents\x12#.pipeline.v1.ListAuditEventsRequest\x1a$.pipeline.v1.ListAuditEventsResponse\"\x03\x90\x02\x01B\xaf\x01\n" +
 	"\x0fcom.pipeline.v1B\rPipelineProtoP\x01Z@github.com/pipelined/pipelined/clients/go/pipeline/v1;pipelinev1\xa2\x02\x03PXX\xaa\x02\vPipeline.V1\xca\x02\vPipeline\\V1\xe2\x02\x17Pipeline\\V1\\GPBMetadata\xea\x02\fPipeline::V1b\x06proto3"
 
 var (
@@ -3944,7 +4223,7 @@ func file_pipeline_v1_pipeline_proto_rawDescGZIP() []byte {
 }
 
 var file_pipeline_v1_pipeline_proto_enumTypes = make([]protoimpl.EnumInfo, 7)
-var file_pipeline_v1_pipeline_proto_msgTypes = make([]protoimpl.MessageInfo, 51)
+var file_pipeline_v1_pipeline_proto_msgTypes = make([]protoimpl.MessageInfo, 54)
 var file_pipeline_v1_pipeline_proto_goTypes = []any{
 	(ConcurrencyMode)(0),            // 0: pipeline.v1.ConcurrencyMode
 	(TriggerType)(0),                // 1: pipeline.v1.TriggerType
@@ -3998,26 +4277,29 @@ var file_pipeline_v1_pipeline_proto_goTypes = []any{
 	(*ResumeExecutionResponse)(nil), // 49: pipeline.v1.ResumeExecutionResponse
 	(*WatchExecutionsRequest)(nil),  // 50: pipeline.v1.WatchExecutionsRequest
 	(*WatchExecutionsResponse)(nil), // 51: pipeline.v1.WatchExecutionsResponse
-	nil,                             // 52: pipeline.v1.CommandStep.EnvEntry
-	nil,                             // 53: pipeline.v1.HttpStep.HeadersEntry
-	nil,                             // 54: pipeline.v1.GrpcStep.MetadataEntry
-	nil,                             // 55: pipeline.v1.Execution.LabelsEntry
-	nil,                             // 56: pipeline.v1.RunPipelineRequest.LabelsEntry
-	nil,                             // 57: pipeline.v1.ListExecutionsRequest.LabelsEntry
-	(*timestamppb.Timestamp)(nil),   // 58: google.protobuf.Timestamp
-	(*durationpb.Duration)(nil),     // 59: google.protobuf.Duration
-	(*structpb.Struct)(nil),         // 60: google.protobuf.Struct
+	(*ListAuditEventsRequest)(nil),  // 52: pipeline.v1.ListAuditEventsRequest
+	(*ListAuditEventsResponse)(nil), // 53: pipeline.v1.ListAuditEventsResponse
+	(*AuditEvent)(nil),              // 54: pipeline.v1.AuditEvent
+	nil,                             // 55: pipeline.v1.CommandStep.EnvEntry
+	nil,                             // 56: pipeline.v1.HttpStep.HeadersEntry
+	nil,                             // 57: pipeline.v1.GrpcStep.MetadataEntry
+	nil,                             // 58: pipeline.v1.Execution.LabelsEntry
+	nil,                             // 59: pipeline.v1.RunPipelineRequest.LabelsEntry
+	nil,                             // 60: pipeline.v1.ListExecutionsRequest.LabelsEntry
+	(*timestamppb.Timestamp)(nil),   // 61: google.protobuf.Timestamp
+	(*durationpb.Duration)(nil),     // 62: google.protobuf.Duration
+	(*structpb.Struct)(nil),         // 63: google.protobuf.Struct
 }
 var file_pipeline_v1_pipeline_proto_depIdxs = []int32{
 	10, // 0: pipeline.v1.Pipeline.steps:type_name -> pipeline.v1.Step
-	58, // 1: pipeline.v1.Pipeline.created_at:type_name -> google.protobuf.Timestamp
+	61, // 1: pipeline.v1.Pipeline.created_at:type_name -> google.protobuf.Timestamp
 	8,  // 2: pipeline.v1.Pipeline.default_retry:type_name -> pipeline.v1.RetryPolicy
-	59, // 3: pipeline.v1.Pipeline.timeout:type_name -> google.protobuf.Duration
+	62, // 3: pipeline.v1.Pipeline.timeout:type_name -> google.protobuf.Duration
 	9,  // 4: pipeline.v1.Pipeline.concurrency:type_name -> pipeline.v1.ConcurrencyPolicy
-	59, // 5: pipeline.v1.RetryPolicy.initial_interval:type_name -> google.protobuf.Duration
-	59, // 6: pipeline.v1.RetryPolicy.max_interval:type_name -> google.protobuf.Duration
+	62, // 5: pipeline.v1.RetryPolicy.initial_interval:type_name -> google.protobuf.Duration
+	62, // 6: pipeline.v1.RetryPolicy.max_interval:type_name -> google.protobuf.Duration
 	0,  // 7: pipeline.v1.ConcurrencyPolicy.mode:type_name -> pipeline.v1.ConcurrencyMode
-	59, // 8: pipeline.v1.Step.timeout:type_name -> google.protobuf.Duration
+	62, // 8: pipeline.v1.Step.timeout:type_name -> google.protobuf.Duration
 	8,  // 9: pipeline.v1.Step.retry:type_name -> pipeline.v1.RetryPolicy
 	11, // 10: pipeline.v1.Step.noop:type_name -> pipeline.v1.NoopStep
 	12, // 11: pipeline.v1.Step.sleep:type_name -> pipeline.v1.SleepStep
@@ -4026,56 +4308,56 @@ var file_pipeline_v1_pipeline_proto_depIdxs = []int32{
 	15, // 14: pipeline.v1.Step.command:type_name -> pipeline.v1.CommandStep
 	16, // 15: pipeline.v1.Step.http:type_name -> pipeline.v1.HttpStep
 	17, // 16: pipeline.v1.Step.grpc:type_name -> pipeline.v1.GrpcStep
-	59, // 17: pipeline.v1.SleepStep.duration:type_name -> google.protobuf.Duration
-	60, // 18: pipeline.v1.SetStep.values:type_name -> google.protobuf.Struct
-	52, // 19: pipeline.v1.CommandStep.env:type_name -> pipeline.v1.CommandStep.EnvEntry
-	53, // 20: pipeline.v1.HttpStep.headers:type_name -> pipeline.v1.HttpStep.HeadersEntry
-	60, // 21: pipeline.v1.HttpStep.body:type_name -> google.protobuf.Struct
-	60, // 22: pipeline.v1.GrpcStep.config:type_name -> google.protobuf.Struct
-	54, // 23: pipeline.v1.GrpcStep.metadata:type_name -> pipeline.v1.GrpcStep.MetadataEntry
+	62, // 17: pipeline.v1.SleepStep.duration:type_name -> google.protobuf.Duration
+	63, // 18: pipeline.v1.SetStep.values:type_name -> google.protobuf.Struct
+	55, // 19: pipeline.v1.CommandStep.env:type_name -> pipeline.v1.CommandStep.EnvEntry
+	56, // 20: pipeline.v1.HttpStep.headers:type_name -> pipeline.v1.HttpStep.HeadersEntry
+	63, // 21: pipeline.v1.HttpStep.body:type_name -> google.protobuf.Struct
+	63, // 22: pipeline.v1.GrpcStep.config:type_name -> google.protobuf.Struct
+	57, // 23: pipeline.v1.GrpcStep.metadata:type_name -> pipeline.v1.GrpcStep.MetadataEntry
 	1,  // 24: pipeline.v1.Trigger.type:type_name -> pipeline.v1.TriggerType
-	60, // 25: pipeline.v1.Trigger.data:type_name -> google.protobuf.Struct
+	63, // 25: pipeline.v1.Trigger.data:type_name -> google.protobuf.Struct
 	3,  // 26: pipeline.v1.StepRun.status:type_name -> pipeline.v1.StepStatus
-	58, // 27: pipeline.v1.StepRun.started_at:type_name -> google.protobuf.Timestamp
-	58, // 28: pipeline.v1.StepRun.finished_at:type_name -> google.protobuf.Timestamp
-	59, // 29: pipeline.v1.StepRun.duration:type_name -> google.protobuf.Duration
-	60, // 30: pipeline.v1.StepRun.output:type_name -> google.protobuf.Struct
-	58, // 31: pipeline.v1.StepRun.next_attempt_at:type_name -> google.protobuf.Timestamp
+	61, // 27: pipeline.v1.StepRun.started_at:type_name -> google.protobuf.Timestamp
+	61, // 28: pipeline.v1.StepRun.finished_at:type_name -> google.protobuf.Timestamp
+	62, // 29: pipeline.v1.StepRun.duration:type_name -> google.protobuf.Duration
+	63, // 30: pipeline.v1.StepRun.output:type_name -> google.protobuf.Struct
+	61, // 31: pipeline.v1.StepRun.next_attempt_at:type_name -> google.protobuf.Timestamp
 	2,  // 32: pipeline.v1.Execution.status:type_name -> pipeline.v1.ExecutionStatus
 	18, // 33: pipeline.v1.Execution.trigger:type_name -> pipeline.v1.Trigger
-	55, // 34: pipeline.v1.Execution.labels:type_name -> pipeline.v1.Execution.LabelsEntry
-	60, // 35: pipeline.v1.Execution.input:type_name -> google.protobuf.Struct
-	60, // 36: pipeline.v1.Execution.execution_data:type_name -> google.protobuf.Struct
-	58, // 37: pipeline.v1.Execution.created_at:type_name -> google.protobuf.Timestamp
-	58, // 38: pipeline.v1.Execution.started_at:type_name -> google.protobuf.Timestamp
-	58, // 39: pipeline.v1.Execution.finished_at:type_name -> google.protobuf.Timestamp
-	59, // 40: pipeline.v1.Execution.duration:type_name -> google.protobuf.Duration
+	58, // 34: pipeline.v1.Execution.labels:type_name -> pipeline.v1.Execution.LabelsEntry
+	63, // 35: pipeline.v1.Execution.input:type_name -> google.protobuf.Struct
+	63, // 36: pipeline.v1.Execution.execution_data:type_name -> google.protobuf.Struct
+	61, // 37: pipeline.v1.Execution.created_at:type_name -> google.protobuf.Timestamp
+	61, // 38: pipeline.v1.Execution.started_at:type_name -> google.protobuf.Timestamp
+	61, // 39: pipeline.v1.Execution.finished_at:type_name -> google.protobuf.Timestamp
+	62, // 40: pipeline.v1.Execution.duration:type_name -> google.protobuf.Duration
 	19, // 41: pipeline.v1.Execution.progress:type_name -> pipeline.v1.Progress
 	20, // 42: pipeline.v1.Execution.steps:type_name -> pipeline.v1.StepRun
-	58, // 43: pipeline.v1.Execution.deadline:type_name -> google.protobuf.Timestamp
+	61, // 43: pipeline.v1.Execution.deadline:type_name -> google.protobuf.Timestamp
 	4,  // 44: pipeline.v1.ExecutionEvent.type:type_name -> pipeline.v1.EventType
-	58, // 45: pipeline.v1.ExecutionEvent.time:type_name -> google.protobuf.Timestamp
+	61, // 45: pipeline.v1.ExecutionEvent.time:type_name -> google.protobuf.Timestamp
 	2,  // 46: pipeline.v1.ExecutionEvent.execution_status:type_name -> pipeline.v1.ExecutionStatus
-	60, // 47: pipeline.v1.ExecutionEvent.output:type_name -> google.protobuf.Struct
-	59, // 48: pipeline.v1.ExecutionEvent.duration:type_name -> google.protobuf.Duration
+	63, // 47: pipeline.v1.ExecutionEvent.output:type_name -> google.protobuf.Struct
+	62, // 48: pipeline.v1.ExecutionEvent.duration:type_name -> google.protobuf.Duration
 	19, // 49: pipeline.v1.ExecutionEvent.progress:type_name -> pipeline.v1.Progress
-	60, // 50: pipeline.v1.ExecutionEvent.execution_data:type_name -> google.protobuf.Struct
-	58, // 51: pipeline.v1.ExecutionEvent.next_attempt_at:type_name -> google.protobuf.Timestamp
+	63, // 50: pipeline.v1.ExecutionEvent.execution_data:type_name -> google.protobuf.Struct
+	61, // 51: pipeline.v1.ExecutionEvent.next_attempt_at:type_name -> google.protobuf.Timestamp
 	5,  // 52: pipeline.v1.ExecutionEvent.log_stream:type_name -> pipeline.v1.LogStream
-	58, // 53: pipeline.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
+	61, // 53: pipeline.v1.Heartbeat.time:type_name -> google.protobuf.Timestamp
 	7,  // 54: pipeline.v1.CreatePipelineRequest.pipeline:type_name -> pipeline.v1.Pipeline
 	7,  // 55: pipeline.v1.CreatePipelineResponse.pipeline:type_name -> pipeline.v1.Pipeline
 	7,  // 56: pipeline.v1.GetPipelineResponse.pipeline:type_name -> pipeline.v1.Pipeline
 	7,  // 57: pipeline.v1.ListPipelinesResponse.pipelines:type_name -> pipeline.v1.Pipeline
 	7,  // 58: pipeline.v1.UpdatePipelineRequest.pipeline:type_name -> pipeline.v1.Pipeline
 	7,  // 59: pipeline.v1.UpdatePipelineResponse.pipeline:type_name -> pipeline.v1.Pipeline
-	60, // 60: pipeline.v1.RunPipelineRequest.input:type_name -> google.protobuf.Struct
+	63, // 60: pipeline.v1.RunPipelineRequest.input:type_name -> google.protobuf.Struct
 	18, // 61: pipeline.v1.RunPipelineRequest.trigger:type_name -> pipeline.v1.Trigger
-	56, // 62: pipeline.v1.RunPipelineRequest.labels:type_name -> pipeline.v1.RunPipelineRequest.LabelsEntry
+	59, // 62: pipeline.v1.RunPipelineRequest.labels:type_name -> pipeline.v1.RunPipelineRequest.LabelsEntry
 	21, // 63: pipeline.v1.RunPipelineResponse.execution:type_name -> pipeline.v1.Execution
 	21, // 64: pipeline.v1.GetExecutionResponse.execution:type_name -> pipeline.v1.Execution
 	2,  // 65: pipeline.v1.ListExecutionsRequest.statuses:type_name -> pipeline.v1.ExecutionStatus
-	57, // 66: pipeline.v1.ListExecutionsRequest.labels:type_name -> pipeline.v1.ListExecutionsRequest.LabelsEntry
+	60, // 66: pipeline.v1.ListExecutionsRequest.labels:type_name -> pipeline.v1.ListExecutionsRequest.LabelsEntry
 	21, // 67: pipeline.v1.ListExecutionsResponse.executions:type_name -> pipeline.v1.Execution
 	6,  // 68: pipeline.v1.CancelExecutionRequest.mode:type_name -> pipeline.v1.CancelMode
 	21, // 69: pipeline.v1.CancelExecutionResponse.execution:type_name -> pipeline.v1.Execution
@@ -4088,39 +4370,43 @@ var file_pipeline_v1_pipeline_proto_depIdxs = []int32{
 	4,  // 76: pipeline.v1.WatchExecutionsRequest.types:type_name -> pipeline.v1.EventType
 	22, // 77: pipeline.v1.WatchExecutionsResponse.event:type_name -> pipeline.v1.ExecutionEvent
 	23, // 78: pipeline.v1.WatchExecutionsResponse.heartbeat:type_name -> pipeline.v1.Heartbeat
-	24, // 79: pipeline.v1.PipelineService.CreatePipeline:input_type -> pipeline.v1.CreatePipelineRequest
-	26, // 80: pipeline.v1.PipelineService.GetPipeline:input_type -> pipeline.v1.GetPipelineRequest
-	28, // 81: pipeline.v1.PipelineService.ListPipelines:input_type -> pipeline.v1.ListPipelinesRequest
-	30, // 82: pipeline.v1.PipelineService.UpdatePipeline:input_type -> pipeline.v1.UpdatePipelineRequest
-	32, // 83: pipeline.v1.PipelineService.DeletePipeline:input_type -> pipeline.v1.DeletePipelineRequest
-	34, // 84: pipeline.v1.PipelineService.RunPipeline:input_type -> pipeline.v1.RunPipelineRequest
-	36, // 85: pipeline.v1.PipelineService.GetExecution:input_type -> pipeline.v1.GetExecutionRequest
-	38, // 86: pipeline.v1.PipelineService.ListExecutions:input_type -> pipeline.v1.ListExecutionsRequest
-	40, // 87: pipeline.v1.PipelineService.CancelExecution:input_type -> pipeline.v1.CancelExecutionRequest
-	42, // 88: pipeline.v1.PipelineService.RetryExecution:input_type -> pipeline.v1.RetryExecutionRequest
-	46, // 89: pipeline.v1.PipelineService.PauseExecution:input_type -> pipeline.v1.PauseExecutionRequest
-	48, // 90: pipeline.v1.PipelineService.ResumeExecution:input_type -> pipeline.v1.ResumeExecutionRequest
-	44, // 91: pipeline.v1.PipelineService.WatchExecution:input_type -> pipeline.v1.WatchExecutionRequest
-	50, // 92: pipeline.v1.PipelineService.WatchExecutions:input_type -> pipeline.v1.WatchExecutionsRequest
-	25, // 93: pipeline.v1.PipelineService.CreatePipeline:output_type -> pipeline.v1.CreatePipelineResponse
-	27, // 94: pipeline.v1.PipelineService.GetPipeline:output_type -> pipeline.v1.GetPipelineResponse
-	29, // 95: pipeline.v1.PipelineService.ListPipelines:output_type -> pipeline.v1.ListPipelinesResponse
-	31, // 96: pipeline.v1.PipelineService.UpdatePipeline:output_type -> pipeline.v1.UpdatePipelineResponse
-	33, // 97: pipeline.v1.PipelineService.DeletePipeline:output_type -> pipeline.v1.DeletePipelineResponse
-	35, // 98: pipeline.v1.PipelineService.RunPipeline:output_type -> pipeline.v1.RunPipelineResponse
-	37, // 99: pipeline.v1.PipelineService.GetExecution:output_type -> pipeline.v1.GetExecutionResponse
-	39, // 100: pipeline.v1.PipelineService.ListExecutions:output_type -> pipeline.v1.ListExecutionsResponse
-	41, // 101: pipeline.v1.PipelineService.CancelExecution:output_type -> pipeline.v1.CancelExecutionResponse
-	43, // 102: pipeline.v1.PipelineService.RetryExecution:output_type -> pipeline.v1.RetryExecutionResponse
-	47, // 103: pipeline.v1.PipelineService.PauseExecution:output_type -> pipeline.v1.PauseExecutionResponse
-	49, // 104: pipeline.v1.PipelineService.ResumeExecution:output_type -> pipeline.v1.ResumeExecutionResponse
-	45, // 105: pipeline.v1.PipelineService.WatchExecution:output_type -> pipeline.v1.WatchExecutionResponse
-	51, // 106: pipeline.v1.PipelineService.WatchExecutions:output_type -> pipeline.v1.WatchExecutionsResponse
-	93, // [93:107] is the sub-list for method output_type
-	79, // [79:93] is the sub-list for method input_type
-	79, // [79:79] is the sub-list for extension type_name
-	79, // [79:79] is the sub-list for extension extendee
-	0,  // [0:79] is the sub-list for field type_name
+	54, // 79: pipeline.v1.ListAuditEventsResponse.events:type_name -> pipeline.v1.AuditEvent
+	61, // 80: pipeline.v1.AuditEvent.time:type_name -> google.protobuf.Timestamp
+	24, // 81: pipeline.v1.PipelineService.CreatePipeline:input_type -> pipeline.v1.CreatePipelineRequest
+	26, // 82: pipeline.v1.PipelineService.GetPipeline:input_type -> pipeline.v1.GetPipelineRequest
+	28, // 83: pipeline.v1.PipelineService.ListPipelines:input_type -> pipeline.v1.ListPipelinesRequest
+	30, // 84: pipeline.v1.PipelineService.UpdatePipeline:input_type -> pipeline.v1.UpdatePipelineRequest
+	32, // 85: pipeline.v1.PipelineService.DeletePipeline:input_type -> pipeline.v1.DeletePipelineRequest
+	34, // 86: pipeline.v1.PipelineService.RunPipeline:input_type -> pipeline.v1.RunPipelineRequest
+	36, // 87: pipeline.v1.PipelineService.GetExecution:input_type -> pipeline.v1.GetExecutionRequest
+	38, // 88: pipeline.v1.PipelineService.ListExecutions:input_type -> pipeline.v1.ListExecutionsRequest
+	40, // 89: pipeline.v1.PipelineService.CancelExecution:input_type -> pipeline.v1.CancelExecutionRequest
+	42, // 90: pipeline.v1.PipelineService.RetryExecution:input_type -> pipeline.v1.RetryExecutionRequest
+	46, // 91: pipeline.v1.PipelineService.PauseExecution:input_type -> pipeline.v1.PauseExecutionRequest
+	48, // 92: pipeline.v1.PipelineService.ResumeExecution:input_type -> pipeline.v1.ResumeExecutionRequest
+	44, // 93: pipeline.v1.PipelineService.WatchExecution:input_type -> pipeline.v1.WatchExecutionRequest
+	50, // 94: pipeline.v1.PipelineService.WatchExecutions:input_type -> pipeline.v1.WatchExecutionsRequest
+	52, // 95: pipeline.v1.PipelineService.ListAuditEvents:input_type -> pipeline.v1.ListAuditEventsRequest
+	25, // 96: pipeline.v1.PipelineService.CreatePipeline:output_type -> pipeline.v1.CreatePipelineResponse
+	27, // 97: pipeline.v1.PipelineService.GetPipeline:output_type -> pipeline.v1.GetPipelineResponse
+	29, // 98: pipeline.v1.PipelineService.ListPipelines:output_type -> pipeline.v1.ListPipelinesResponse
+	31, // 99: pipeline.v1.PipelineService.UpdatePipeline:output_type -> pipeline.v1.UpdatePipelineResponse
+	33, // 100: pipeline.v1.PipelineService.DeletePipeline:output_type -> pipeline.v1.DeletePipelineResponse
+	35, // 101: pipeline.v1.PipelineService.RunPipeline:output_type -> pipeline.v1.RunPipelineResponse
+	37, // 102: pipeline.v1.PipelineService.GetExecution:output_type -> pipeline.v1.GetExecutionResponse
+	39, // 103: pipeline.v1.PipelineService.ListExecutions:output_type -> pipeline.v1.ListExecutionsResponse
+	41, // 104: pipeline.v1.PipelineService.CancelExecution:output_type -> pipeline.v1.CancelExecutionResponse
+	43, // 105: pipeline.v1.PipelineService.RetryExecution:output_type -> pipeline.v1.RetryExecutionResponse
+	47, // 106: pipeline.v1.PipelineService.PauseExecution:output_type -> pipeline.v1.PauseExecutionResponse
+	49, // 107: pipeline.v1.PipelineService.ResumeExecution:output_type -> pipeline.v1.ResumeExecutionResponse
+	45, // 108: pipeline.v1.PipelineService.WatchExecution:output_type -> pipeline.v1.WatchExecutionResponse
+	51, // 109: pipeline.v1.PipelineService.WatchExecutions:output_type -> pipeline.v1.WatchExecutionsResponse
+	53, // 110: pipeline.v1.PipelineService.ListAuditEvents:output_type -> pipeline.v1.ListAuditEventsResponse
+	96, // [96:111] is the sub-list for method output_type
+	81, // [81:96] is the sub-list for method input_type
+	81, // [81:81] is the sub-list for extension type_name
+	81, // [81:81] is the sub-list for extension extendee
+	0,  // [0:81] is the sub-list for field type_name
 }
 
 func init() { file_pipeline_v1_pipeline_proto_init() }
@@ -4143,7 +4429,7 @@ func file_pipeline_v1_pipeline_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_pipeline_v1_pipeline_proto_rawDesc), len(file_pipeline_v1_pipeline_proto_rawDesc)),
 			NumEnums:      7,
-			NumMessages:   51,
+			NumMessages:   54,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

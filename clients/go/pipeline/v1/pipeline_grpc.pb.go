@@ -33,6 +33,7 @@ const (
 	PipelineService_ResumeExecution_FullMethodName = "/pipeline.v1.PipelineService/ResumeExecution"
 	PipelineService_WatchExecution_FullMethodName  = "/pipeline.v1.PipelineService/WatchExecution"
 	PipelineService_WatchExecutions_FullMethodName = "/pipeline.v1.PipelineService/WatchExecutions"
+	PipelineService_ListAuditEvents_FullMethodName = "/pipeline.v1.PipelineService/ListAuditEvents"
 )
 
 // PipelineServiceClient is the client API for PipelineService service.
@@ -99,6 +100,11 @@ type PipelineServiceClient interface {
 	// client goes away. Heartbeats are sent while nothing happens.
 	// Retry: safe (no side effects); events while disconnected are not replayed.
 	WatchExecutions(ctx context.Context, in *WatchExecutionsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[WatchExecutionsResponse], error)
+	// Lists the audit trail, newest first: who called which mutating RPC on
+	// what, when, and how it ended, refused calls (PERMISSION_DENIED) included.
+	// Admins only, since it tells who did what.
+	// Retry: safe (no side effects).
+	ListAuditEvents(ctx context.Context, in *ListAuditEventsRequest, opts ...grpc.CallOption) (*ListAuditEventsResponse, error)
 }
 
 type pipelineServiceClient struct {
@@ -267,6 +273,16 @@ func (c *pipelineServiceClient) WatchExecutions(ctx context.Context, in *WatchEx
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type PipelineService_WatchExecutionsClient = grpc.ServerStreamingClient[WatchExecutionsResponse]
 
+func (c *pipelineServiceClient) ListAuditEvents(ctx context.Context, in *ListAuditEventsRequest, opts ...grpc.CallOption) (*ListAuditEventsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListAuditEventsResponse)
+	err := c.cc.Invoke(ctx, PipelineService_ListAuditEvents_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // PipelineServiceServer is the server API for PipelineService service.
 // All implementations must embed UnimplementedPipelineServiceServer
 // for forward compatibility.
@@ -331,6 +347,11 @@ type PipelineServiceServer interface {
 	// client goes away. Heartbeats are sent while nothing happens.
 	// Retry: safe (no side effects); events while disconnected are not replayed.
 	WatchExecutions(*WatchExecutionsRequest, grpc.ServerStreamingServer[WatchExecutionsResponse]) error
+	// Lists the audit trail, newest first: who called which mutating RPC on
+	// what, when, and how it ended, refused calls (PERMISSION_DENIED) included.
+	// Admins only, since it tells who did what.
+	// Retry: safe (no side effects).
+	ListAuditEvents(context.Context, *ListAuditEventsRequest) (*ListAuditEventsResponse, error)
 	mustEmbedUnimplementedPipelineServiceServer()
 }
 
@@ -382,6 +403,9 @@ func (UnimplementedPipelineServiceServer) WatchExecution(*WatchExecutionRequest,
 }
 func (UnimplementedPipelineServiceServer) WatchExecutions(*WatchExecutionsRequest, grpc.ServerStreamingServer[WatchExecutionsResponse]) error {
 	return status.Errorf(codes.Unimplemented, "method WatchExecutions not implemented")
+}
+func (UnimplementedPipelineServiceServer) ListAuditEvents(context.Context, *ListAuditEventsRequest) (*ListAuditEventsResponse, error) {
+	return nil, status.Errorf(codes.Unimplemented, "method ListAuditEvents not implemented")
 }
 func (UnimplementedPipelineServiceServer) mustEmbedUnimplementedPipelineServiceServer() {}
 func (UnimplementedPipelineServiceServer) testEmbeddedByValue()                         {}
@@ -642,6 +666,24 @@ func _PipelineService_WatchExecutions_Handler(srv interface{}, stream grpc.Serve
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type PipelineService_WatchExecutionsServer = grpc.ServerStreamingServer[WatchExecutionsResponse]
 
+func _PipelineService_ListAuditEvents_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListAuditEventsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(PipelineServiceServer).ListAuditEvents(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: PipelineService_ListAuditEvents_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(PipelineServiceServer).ListAuditEvents(ctx, req.(*ListAuditEventsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // PipelineService_ServiceDesc is the grpc.ServiceDesc for PipelineService service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -696,6 +738,10 @@ var PipelineService_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ResumeExecution",
 			Handler:    _PipelineService_ResumeExecution_Handler,
+		},
+		{
+			MethodName: "ListAuditEvents",
+			Handler:    _PipelineService_ListAuditEvents_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -114,6 +114,11 @@ class PipelineServiceStub:
                 request_serializer=pipeline_dot_v1_dot_pipeline__pb2.WatchExecutionsRequest.SerializeToString,
                 response_deserializer=pipeline_dot_v1_dot_pipeline__pb2.WatchExecutionsResponse.FromString,
                 _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/pipeline.v1.PipelineService/ListAuditEvents',
+                request_serializer=pipeline_dot_v1_dot_pipeline__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=pipeline_dot_v1_dot_pipeline__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
 
 
 class PipelineServiceServicer:
@@ -248,6 +253,16 @@ class PipelineServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAuditEvents(self, request, context):
+        """Lists the audit trail, newest first: who called which mutating RPC on
+        what, when, and how it ended, refused calls (PERMISSION_DENIED) included.
+        Admins only, since it tells who did what.
+        Retry: safe (no side effects).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_PipelineServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -320,6 +335,11 @@ def add_PipelineServiceServicer_to_server(servicer, server):
                     servicer.WatchExecutions,
                     request_deserializer=pipeline_dot_v1_dot_pipeline__pb2.WatchExecutionsRequest.FromString,
                     response_serializer=pipeline_dot_v1_dot_pipeline__pb2.WatchExecutionsResponse.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=pipeline_dot_v1_dot_pipeline__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=pipeline_dot_v1_dot_pipeline__pb2.ListAuditEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -710,6 +730,33 @@ class PipelineService:
             '/pipeline.v1.PipelineService/WatchExecutions',
             pipeline_dot_v1_dot_pipeline__pb2.WatchExecutionsRequest.SerializeToString,
             pipeline_dot_v1_dot_pipeline__pb2.WatchExecutionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pipeline.v1.PipelineService/ListAuditEvents',
+            pipeline_dot_v1_dot_pipeline__pb2.ListAuditEventsRequest.SerializeToString,
+            pipeline_dot_v1_dot_pipeline__pb2.ListAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,
