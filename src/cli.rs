@@ -192,6 +192,21 @@ pub struct ServeArgs {
     /// Log filter, e.g. info or pipelined=debug.
     #[arg(long, env = "PIPELINED_LOG", default_value = "info")]
     pub log: String,
+    /// Where `http` and `grpc` steps may connect (repeatable;
+    /// comma-separated in the environment variable): a CIDR (10.1.0.0/16,
+    /// ::1/128), a host name (api.example.com, *.example.com), each
+    /// optionally with :port, or `public` (globally routable addresses).
+    #[arg(
+        long = "egress-allow",
+        env = "PIPELINED_EGRESS_ALLOW",
+        value_delimiter = ',',
+        default_value = "public"
+    )]
+    pub egress_allow: Vec<String>,
+    /// Directory of secret files: `${secrets.NAME}` in a step reads
+    /// DIR/NAME (after the environment variable PIPELINED_SECRET_NAME).
+    #[arg(long, env = "PIPELINED_SECRETS_DIR")]
+    pub secrets_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -505,6 +520,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             .into_iter()
             .filter(|o| !o.is_empty())
             .collect(),
+        egress_allow: args
+            .egress_allow
+            .into_iter()
+            .filter(|e| !e.trim().is_empty())
+            .collect(),
+        secrets_dir: args.secrets_dir,
     };
     server::serve(config, listener, server::signal()).await?;
     Ok(ExitCode::SUCCESS)

@@ -14,6 +14,8 @@ use tonic_health::ServingStatus;
 
 use crate::domain::definition::CommandPolicy;
 use crate::domain::limits;
+use crate::engine::egress::EgressPolicy;
+use crate::engine::secrets::SecretStore;
 use crate::engine::{Engine, EngineConfig};
 use crate::proto::v1::pipeline_service_server::PipelineServiceServer;
 use crate::storage::Store;
@@ -47,6 +49,13 @@ pub struct ServeConfig {
     /// Origins whose pages may call the API with gRPC-Web (`*`: any);
     /// empty: no cross-origin browser access.
     pub cors_allow_origins: Vec<String>,
+    /// Where `http` and `grpc` steps may connect: CIDRs, host names
+    /// (`*.example.com`), each with an optional `:port`, or `public`
+    /// (see [`crate::engine::egress`]). Empty: nowhere.
+    pub egress_allow: Vec<String>,
+    /// Directory of secret files for `${secrets.NAME}` (besides the
+    /// `PIPELINED_SECRET_<NAME>` environment variables).
+    pub secrets_dir: Option<PathBuf>,
 }
 
 impl Default for ServeConfig {
@@ -63,6 +72,8 @@ impl Default for ServeConfig {
             replica_id: None,
             lease: Duration::from_secs(15),
             cors_allow_origins: Vec::new(),
+            egress_allow: vec!["public".to_string()],
+            secrets_dir: None,
         }
     }
 }
@@ -110,6 +121,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let egress = EgressPolicy::parse(&config.egress_allow).map_err(anyhow::Error::msg)?;
     let url = config.database_url()?;
     let replica = config.replica_id()?;
     let store = Store::connect(&url, &replica, config.lease)
@@ -122,6 +134,8 @@ pub async fn serve(
             commands: CommandPolicy::new(config.allow_commands.clone()),
             process_dir: Some(config.data_dir.join("processes")),
             heartbeat_interval: config.heartbeat_interval,
+            egress,
+            secrets: SecretStore::new(config.secrets_dir.clone()),
         },
     )
     .with_context(|| format!("cannot use data directory {}", config.data_dir.display()))?;
