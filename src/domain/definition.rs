@@ -303,7 +303,8 @@ impl StepKind {
 }
 
 /// An HTTP request made by an `http` step. `${path}` placeholders in the
-/// URL, header values and body strings take values from the step's data.
+/// URL, header values and body strings take values from the step's data;
+/// `${secrets.NAME}` takes a server secret (see [`StepKind::secret_references`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSpec {
