@@ -284,6 +284,21 @@ pub struct ServeArgs {
     /// The JWT claim holding the caller's role (viewer, operator or admin).
     #[arg(long, env = "PIPELINED_JWT_ROLE_CLAIM", default_value = "role")]
     pub jwt_role_claim: String,
+    /// Where `http` and `grpc` steps may connect (repeatable;
+    /// comma-separated in the environment variable): a CIDR (10.1.0.0/16,
+    /// ::1/128), a host name (api.example.com, *.example.com), each
+    /// optionally with :port, or `public` (globally routable addresses).
+    #[arg(
+        long = "egress-allow",
+        env = "PIPELINED_EGRESS_ALLOW",
+        value_delimiter = ',',
+        default_value = "public"
+    )]
+    pub egress_allow: Vec<String>,
+    /// Directory of secret files: `${secrets.NAME}` in a step reads
+    /// DIR/NAME (after the environment variable PIPELINED_SECRET_NAME).
+    #[arg(long, env = "PIPELINED_SECRETS_DIR")]
+    pub secrets_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -655,6 +670,12 @@ async fn serve_with(args: ServeArgs) -> anyhow::Result<ExitCode> {
             jwt_audience: args.jwt_audience,
             jwt_role_claim: args.jwt_role_claim,
         },
+        egress_allow: args
+            .egress_allow
+            .into_iter()
+            .filter(|e| !e.trim().is_empty())
+            .collect(),
+        secrets_dir: args.secrets_dir,
     };
     // Refused before binding: nothing listens in plaintext, even briefly.
     config.check_bind_policy(args.listen)?;

@@ -17,6 +17,8 @@ use tonic_health::ServingStatus;
 
 use crate::domain::definition::CommandPolicy;
 use crate::domain::limits;
+use crate::engine::egress::EgressPolicy;
+use crate::engine::secrets::SecretStore;
 use crate::engine::{Engine, EngineConfig};
 use crate::proto::v1::pipeline_service_server::PipelineServiceServer;
 use crate::storage::Store;
@@ -67,6 +69,13 @@ pub struct ServeConfig {
     /// Who may call: static tokens and/or JWTs; all unset: authentication
     /// off, every caller an admin.
     pub auth: AuthConfig,
+    /// Where `http` and `grpc` steps may connect: CIDRs, host names
+    /// (`*.example.com`), each with an optional `:port`, or `public`
+    /// (see [`crate::engine::egress`]). Empty: nowhere.
+    pub egress_allow: Vec<String>,
+    /// Directory of secret files for `${secrets.NAME}` (besides the
+    /// `PIPELINED_SECRET_<NAME>` environment variables).
+    pub secrets_dir: Option<PathBuf>,
 }
 
 impl Default for ServeConfig {
@@ -87,6 +96,8 @@ impl Default for ServeConfig {
             tls: None,
             insecure_plaintext: false,
             auth: AuthConfig::default(),
+            egress_allow: vec!["public".to_string()],
+            secrets_dir: None,
         }
     }
 }
@@ -161,6 +172,7 @@ pub async fn serve(
              is an admin; give --auth-tokens or --jwt-jwks"
         );
     }
+    let egress = EgressPolicy::parse(&config.egress_allow).map_err(anyhow::Error::msg)?;
     let url = config.database_url()?;
     let replica = config.replica_id()?;
     let store = Store::connect(&url, &replica, config.lease)
@@ -174,6 +186,8 @@ pub async fn serve(
             commands: CommandPolicy::new(config.allow_commands.clone()),
             process_dir: Some(config.data_dir.join("processes")),
             heartbeat_interval: config.heartbeat_interval,
+            egress,
+            secrets: SecretStore::new(config.secrets_dir.clone()),
         },
     )
     .with_context(|| format!("cannot use data directory {}", config.data_dir.display()))?;

@@ -57,6 +57,10 @@ pub struct PipelineSpec {
     pub concurrency: Option<ConcurrencyPolicy>,
 }
 
+/// Error kinds that no retry policy retries: another attempt would meet
+/// the same server configuration (`--egress-allow`, the secrets).
+pub const NEVER_RETRIED: [&str; 2] = ["egress_denied", "secret_missing"];
+
 /// How failed attempts of a step are retried.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -92,8 +96,11 @@ pub struct RetryPolicy {
 impl RetryPolicy {
     /// Whether an attempt numbered `attempt` that failed with `kind` may be
     /// followed by another.
+    /// Kinds in [`NEVER_RETRIED`] never are.
     pub fn retries(&self, attempt: u32, kind: &str) -> bool {
-        attempt < self.max_attempts && !self.non_retryable_errors.iter().any(|k| k == kind)
+        attempt < self.max_attempts
+            && !self.non_retryable_errors.iter().any(|k| k == kind)
+            && !NEVER_RETRIED.contains(&kind)
     }
 
     /// The delay after failed attempt number `attempt` (from 1), with
@@ -296,7 +303,8 @@ impl StepKind {
 }
 
 /// An HTTP request made by an `http` step. `${path}` placeholders in the
-/// URL, header values and body strings take values from the step's data.
+/// URL, header values and body strings take values from the step's data;
+/// `${secrets.NAME}` takes a server secret (see [`StepKind::secret_references`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSpec {
@@ -514,6 +522,11 @@ impl PipelineSpec {
                     }
                 }
                 _ => {}
+            }
+            for (field, written) in step.kind.secret_references() {
+                if let Err(problem) = written {
+                    violations.push(FieldViolation::new(format!("steps[{i}].{field}"), problem));
+                }
             }
             if !step.when.is_empty()
                 && let Err(problem) = super::condition::check(&step.when)
@@ -804,6 +817,112 @@ fn check_http(path: &str, http: &HttpSpec, violations: &mut Vec<FieldViolation>)
     }
 }
 
+/// The first path segment of `${secrets.NAME}` placeholders: a path that
+/// starts with it names one of the server's secrets, never execution data.
+pub const SECRETS_SEGMENT: &str = "secrets";
+
+/// Whether `name` may name a secret: `[A-Za-z0-9_]+`.
+pub fn is_secret_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+}
+
+/// For a placeholder path (trimmed), what follows `secrets.` if the path
+/// names a secret (`""` for a bare `secrets`); `None` for a data path.
+pub fn secret_path(path: &str) -> Option<&str> {
+    match path.strip_prefix(SECRETS_SEGMENT)? {
+        "" => Some(""),
+        rest => rest.strip_prefix('.'),
+    }
+}
+
+/// The secret names of the `${secrets.NAME}` placeholders in `text`
+/// (`$${` escapes a placeholder); an invalid reference is an `Err` saying
+/// what is wrong with it.
+pub fn secret_references(text: &str) -> Vec<Result<&str, String>> {
+    let mut found = Vec::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("${") {
+        let escaped = rest[..at].ends_with('$');
+        let inner = &rest[at + 2..];
+        let Some(end) = inner.find('}') else { break };
+        if !escaped && let Some(name) = secret_path(inner[..end].trim()) {
+            found.push(if is_secret_name(name) {
+                Ok(name)
+            } else {
+                Err(format!(
+                    "'${{{}}}' does not name a secret: write ${{secrets.NAME}} with a NAME of \
+                     letters, digits and '_'",
+                    inner[..end].trim()
+                ))
+            });
+        }
+        rest = if escaped { inner } else { &inner[end + 1..] };
+    }
+    found
+}
+
+impl StepKind {
+    /// Every `${secrets...}` reference of the step's configuration, with the
+    /// field it is in (`http.headers.Authorization`, `command.env.TOKEN`):
+    /// in an `http` step's URL, header values and body strings, a `grpc`
+    /// step's metadata values and a `command` step's environment values.
+    pub fn secret_references(&self) -> Vec<(String, Result<&str, String>)> {
+        fn text<'a>(
+            out: &mut Vec<(String, Result<&'a str, String>)>,
+            field: String,
+            value: &'a str,
+        ) {
+            for found in secret_references(value) {
+                out.push((field.clone(), found));
+            }
+        }
+        fn json<'a>(
+            out: &mut Vec<(String, Result<&'a str, String>)>,
+            field: String,
+            value: &'a serde_json::Value,
+        ) {
+            match value {
+                serde_json::Value::String(s) => text(out, field, s),
+                serde_json::Value::Array(items) => {
+                    for (i, item) in items.iter().enumerate() {
+                        json(out, format!("{field}.{i}"), item);
+                    }
+                }
+                serde_json::Value::Object(map) => {
+                    for (key, item) in map {
+                        json(out, format!("{field}.{key}"), item);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut out = Vec::new();
+        match self {
+            Self::Http(http) => {
+                text(&mut out, "http.url".to_string(), &http.url);
+                for (name, value) in &http.headers {
+                    text(&mut out, format!("http.headers.{name}"), value);
+                }
+                for (key, value) in http.body.iter().flatten() {
+                    json(&mut out, format!("http.body.{key}"), value);
+                }
+            }
+            Self::Grpc(grpc) => {
+                for (name, value) in &grpc.metadata {
+                    text(&mut out, format!("grpc.metadata.{name}"), value);
+                }
+            }
+            Self::Command(command) => {
+                for (name, value) in &command.env {
+                    text(&mut out, format!("command.env.{name}"), value);
+                }
+            }
+            _ => {}
+        }
+        out
+    }
+}
+
 /// A lowercase HTTP/2 header name.
 fn is_header_name(name: &str) -> bool {
     !name.is_empty()
@@ -898,6 +1017,52 @@ mod tests {
 #[cfg(test)]
 mod kind_tests {
     use super::*;
+
+    #[test]
+    fn secret_references_are_checked_with_their_field() {
+        let p: PipelineSpec = serde_yaml_ng::from_str(
+            "name: p\nsteps:\n\
+             - {name: a, http: {url: 'http://h/${secrets.OK_1}', headers: {Authorization: 'Bearer ${secrets.x-y}'}, body: {l: ['${ secrets }']}}}\n\
+             - {name: b, command: {program: sh, env: {T: '${secrets.T}', U: '$${secrets.not-one}', V: '${secrets.a.b}'}}}\n\
+             - {name: c, grpc: {address: 'http://w:1', metadata: {k: '${secrets.K}'}}}\n",
+        )
+        .unwrap();
+        let Err(Error::InvalidArgument(v)) = p.validate(&CommandPolicy::new(vec!["sh".into()]))
+        else {
+            panic!("expected violations")
+        };
+        let fields: Vec<&str> = v.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "steps[0].http.headers.Authorization",
+                "steps[0].http.body.l.0",
+                "steps[1].command.env.V"
+            ]
+        );
+        assert!(
+            v[0].description.contains("'${secrets.x-y}'"),
+            "{}",
+            v[0].description
+        );
+        let names: Vec<_> = p.steps[1].kind.secret_references();
+        assert_eq!(names[0], ("command.env.T".to_string(), Ok("T")));
+        assert_eq!(p.steps[2].kind.secret_references()[0].1, Ok("K"));
+        assert!(
+            RetryPolicy {
+                max_attempts: 5,
+                ..Default::default()
+            }
+            .retries(1, "http_status")
+        );
+        assert!(
+            !RetryPolicy {
+                max_attempts: 5,
+                ..Default::default()
+            }
+            .retries(1, "egress_denied")
+        );
+    }
 
     #[test]
     fn bare_noop_is_accepted_and_typos_in_a_kind_are_refused() {

@@ -7,9 +7,11 @@
 //! starts, stops or is sent a request, and the set of pipelines with queued
 //! executions.
 
+pub mod egress;
 pub mod hub;
 pub mod processes;
 mod runner;
+pub mod secrets;
 pub mod steps;
 mod watch;
 
@@ -46,6 +48,10 @@ pub struct EngineConfig {
     pub process_dir: Option<PathBuf>,
     /// How long a watch stream may stay silent before a heartbeat is sent.
     pub heartbeat_interval: Duration,
+    /// Where `http` and `grpc` steps may connect.
+    pub egress: egress::EgressPolicy,
+    /// Where `${secrets.NAME}` values come from.
+    pub secrets: secrets::SecretStore,
 }
 
 impl Default for EngineConfig {
@@ -55,6 +61,8 @@ impl Default for EngineConfig {
             commands: CommandPolicy::default(),
             process_dir: None,
             heartbeat_interval: Duration::from_secs(15),
+            egress: egress::EgressPolicy::default(),
+            secrets: secrets::SecretStore::default(),
         }
     }
 }

@@ -543,6 +543,8 @@ impl Runner {
                 processes: shared.processes.as_ref(),
                 reporter: &reporter,
                 cancel,
+                egress: &shared.config.egress,
+                secrets: &shared.config.secrets,
             })
             .await;
             let dropped = reporter.dropped();

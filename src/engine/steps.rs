@@ -5,6 +5,8 @@ mod http;
 pub mod logs;
 mod template;
 
+pub(crate) use template::percent_encode;
+
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -13,7 +15,9 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
 
+use super::egress::EgressPolicy;
 use super::processes::ProcessRegistry;
+use super::secrets::{self, SecretStore, Secrets};
 use crate::domain::data::JsonMap;
 use crate::domain::definition::{CommandPolicy, CommandSpec, StepKind};
 use crate::domain::limits;
@@ -69,17 +73,44 @@ pub struct Attempt<'a> {
     pub reporter: &'a Reporter,
     /// Cancelled to stop the attempt now.
     pub cancel: CancellationToken,
+    /// Where `http` and `grpc` steps may connect.
+    pub egress: &'a EgressPolicy,
+    /// Where `${secrets.NAME}` values come from.
+    pub secrets: &'a SecretStore,
 }
 
 /// Runs one attempt to its end, its timeout, or its cancellation. Dropping
 /// the work on timeout or cancellation kills a command's whole process group.
 /// An output over the size or nesting limits fails the attempt.
+///
+/// The secrets the step refers to are read first (one missing fails the
+/// attempt with kind `secret_missing`); their values are masked in
+/// everything the attempt reports, its output and its failure message.
 pub async fn run(attempt: Attempt<'_>) -> StepOutcome {
+    let mut names = std::collections::BTreeSet::new();
+    for (field, name) in attempt.kind.secret_references() {
+        match name {
+            Ok(name) => names.insert(name),
+            // Stored before names were checked when defined.
+            Err(problem) => {
+                return StepOutcome::Failed(StepFailure::new(
+                    "secret_missing",
+                    format!("{field}: {problem}"),
+                ));
+            }
+        };
+    }
+    let secrets = match attempt.secrets.resolve(&names).await {
+        Ok(secrets) => secrets,
+        Err(failure) => return StepOutcome::Failed(failure),
+    };
+    let redactor = secrets.redactor();
+    attempt.reporter.redact_with(redactor.clone());
     let cancel = attempt.cancel.clone();
     let timeout = attempt.timeout;
     let work = async {
         match timeout {
-            Some(limit) => tokio::time::timeout(limit, execute(&attempt))
+            Some(limit) => tokio::time::timeout(limit, execute(&attempt, &secrets))
                 .await
                 .unwrap_or_else(|_| {
                     Err(StepFailure::new(
@@ -87,15 +118,15 @@ pub async fn run(attempt: Attempt<'_>) -> StepOutcome {
                         format!("timed out after {}", humantime::format_duration(limit)),
                     ))
                 }),
-            None => execute(&attempt).await,
+            None => execute(&attempt, &secrets).await,
         }
     };
     tokio::select! {
         biased;
         _ = cancel.cancelled() => StepOutcome::Cancelled("terminated".to_string()),
-        result = work => match result.and_then(check_output) {
+        result = work => match result.map(|output| redactor.object(output)).and_then(check_output) {
             Ok(output) => StepOutcome::Succeeded(output),
-            Err(failure) => StepOutcome::Failed(failure),
+            Err(failure) => StepOutcome::Failed(redactor.failure(failure)),
         },
     }
 }
@@ -135,7 +166,7 @@ fn failure(message: &str) -> StepFailure {
     }
 }
 
-async fn execute(attempt: &Attempt<'_>) -> Result<JsonMap, StepFailure> {
+async fn execute(attempt: &Attempt<'_>, secrets: &Secrets) -> Result<JsonMap, StepFailure> {
     match attempt.kind {
         StepKind::Noop {} => Ok(JsonMap::new()),
         StepKind::Sleep { duration } => {
@@ -144,9 +175,9 @@ async fn execute(attempt: &Attempt<'_>) -> Result<JsonMap, StepFailure> {
         }
         StepKind::Fail { message } => Err(failure(message)),
         StepKind::Set { values } => Ok(values.clone()),
-        StepKind::Command(spec) => run_command(spec, attempt).await,
-        StepKind::Http(spec) => http::run(spec, attempt).await,
-        StepKind::Grpc(spec) => grpc::run(spec, attempt).await,
+        StepKind::Command(spec) => run_command(spec, attempt, secrets).await,
+        StepKind::Http(spec) => http::run(spec, attempt, secrets).await,
+        StepKind::Grpc(spec) => grpc::run(spec, attempt, secrets).await,
     }
 }
 
@@ -161,7 +192,11 @@ impl Drop for ProcessGroup {
     }
 }
 
-async fn run_command(spec: &CommandSpec, attempt: &Attempt<'_>) -> Result<JsonMap, StepFailure> {
+async fn run_command(
+    spec: &CommandSpec,
+    attempt: &Attempt<'_>,
+    secrets: &Secrets,
+) -> Result<JsonMap, StepFailure> {
     if !attempt.commands.allows(&spec.program) {
         return Err(StepFailure::new(
             "start_failed",
@@ -172,9 +207,21 @@ async fn run_command(spec: &CommandSpec, attempt: &Attempt<'_>) -> Result<JsonMa
         ));
     }
     let mut command = tokio::process::Command::new(&spec.program);
+    // The server's secrets reach a program only through `${secrets.NAME}`.
+    for (key, _) in std::env::vars_os() {
+        if key
+            .to_str()
+            .is_some_and(|key| key.starts_with(secrets::ENV_PREFIX))
+        {
+            command.env_remove(key);
+        }
+    }
+    for (key, value) in &spec.env {
+        let value = template::fill_secrets(value, secrets, &format!("env.{key}"))?;
+        command.env(key, value);
+    }
     command
         .args(&spec.args)
-        .envs(&spec.env)
         .env("PIPELINED_EXECUTION_ID", attempt.execution_id)
         .env("PIPELINED_STEP", attempt.step_name)
         .env("PIPELINED_ATTEMPT", attempt.attempt.to_string())

@@ -80,6 +80,9 @@ async fn spawn_app_configured(
         database_url: test_database(dir.path()).await,
         allow_commands,
         shutdown_grace: Duration::from_secs(1),
+        // Tests serve HTTP and workers on loopback; tests/api/egress.rs
+        // puts the default back to see it refuse them.
+        egress_allow: vec!["127.0.0.1/32".to_string(), "::1/128".to_string()],
         ..ServeConfig::default()
     };
     tweak(&mut config);

@@ -43,6 +43,17 @@ impl ServerProcess {
     /// Its stdout and stderr are appended to `<data_dir>/server.log`, so the
     /// log of a restarted server follows that of the previous run.
     pub async fn start(data_dir: &Path, extra_args: &[&str]) -> Self {
+        Self::start_with_env(data_dir, extra_args, &[]).await
+    }
+
+    /// [`ServerProcess::start`] with these environment variables set for the
+    /// server. Unless `extra_args` says otherwise, steps may reach
+    /// 127.0.0.1 and ::1 (`--egress-allow`), where tests serve.
+    pub async fn start_with_env(
+        data_dir: &Path,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         std::fs::create_dir_all(data_dir).expect("create the data dir");
         let log = data_dir.join("server.log");
         let output = OpenOptions::new()
@@ -73,11 +84,19 @@ impl ServerProcess {
             .arg(data_dir)
             .args(["--allow-command", "sh"])
             .args(&database)
+            .args(if extra_args.contains(&"--egress-allow") {
+                &[][..]
+            } else {
+                &["--egress-allow", "127.0.0.1/32,::1/128"][..]
+            })
             .args(extra_args)
+            .envs(env.iter().copied())
             // Settings from the environment must not redirect the database or
             // silence the log line read below.
             .env_remove("PIPELINED_DATABASE_URL")
             .env_remove("PIPELINED_LOG")
+            .env_remove("PIPELINED_EGRESS_ALLOW")
+            .env_remove("PIPELINED_SECRETS_DIR")
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(output.try_clone().expect("clone the log file"))

@@ -13,12 +13,20 @@
 //! cached channel whose connection broke may answer the next call with a
 //! spurious UNAVAILABLE before it reconnects. A connect failure is also
 //! unambiguous (`worker_unavailable`), and there is no cache to bound.
+//!
+//! **Egress.** The worker's host is resolved here and every address checked
+//! against the server's allowlist (see [`crate::engine::egress`]); the
+//! channel connects to a checked address while keeping the address as
+//! written for the `:authority` of the call. Nothing allowed: kind
+//! `egress_denied`, never retried. `${secrets.NAME}` in metadata values is
+//! filled from the server's secrets.
 
 use std::error::Error as _;
 use std::time::Duration;
 
+use tonic::codegen::http::Uri;
 use tonic::metadata::{AsciiMetadataKey, AsciiMetadataValue};
-use tonic::transport::Endpoint;
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
 
 use super::{Attempt, StepFailure};
@@ -26,6 +34,8 @@ use crate::domain::Error;
 use crate::domain::data::JsonMap;
 use crate::domain::definition::GrpcSpec;
 use crate::domain::status::LogStream;
+use crate::engine::egress::EgressError;
+use crate::engine::secrets::Secrets;
 use crate::proto::v1 as pb;
 use crate::proto::v1::run_step_response::Message;
 use crate::proto::v1::step_worker_service_client::StepWorkerServiceClient;
@@ -37,8 +47,12 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest message accepted from a worker.
 pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
 
-pub async fn run(spec: &GrpcSpec, attempt: &Attempt<'_>) -> Result<JsonMap, StepFailure> {
-    let request = request(spec, attempt)?;
+pub async fn run(
+    spec: &GrpcSpec,
+    attempt: &Attempt<'_>,
+    secrets: &Secrets,
+) -> Result<JsonMap, StepFailure> {
+    let request = request(spec, attempt, secrets)?;
     if spec.address.starts_with("https://") {
         // tonic is built without TLS here; retrying cannot help.
         return Err(StepFailure::new(
@@ -49,20 +63,7 @@ pub async fn run(spec: &GrpcSpec, attempt: &Attempt<'_>) -> Result<JsonMap, Step
             ),
         ));
     }
-    let endpoint = Endpoint::from_shared(spec.address.clone())
-        .map_err(|e| {
-            StepFailure::new(
-                "start_failed",
-                format!("invalid worker address {}: {}", spec.address, chain(&e)),
-            )
-        })?
-        .connect_timeout(CONNECT_TIMEOUT);
-    let channel = endpoint.connect().await.map_err(|e| {
-        StepFailure::new(
-            "worker_unavailable",
-            format!("cannot connect to {}: {}", spec.address, chain(&e)),
-        )
-    })?;
+    let channel = connect(&spec.address, attempt).await?;
     let mut client =
         StepWorkerServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let mut stream = client
@@ -93,10 +94,54 @@ pub async fn run(spec: &GrpcSpec, attempt: &Attempt<'_>) -> Result<JsonMap, Step
     }
 }
 
+/// A channel to the worker at `address`, connected to an address the
+/// egress policy allows.
+async fn connect(address: &str, attempt: &Attempt<'_>) -> Result<Channel, StepFailure> {
+    let invalid = |why: String| {
+        StepFailure::new(
+            "start_failed",
+            format!("invalid worker address {address}: {why}"),
+        )
+    };
+    let uri: Uri = address.parse().map_err(|e| invalid(chain(&e)))?;
+    let host = uri
+        .host()
+        .filter(|host| !host.is_empty())
+        .ok_or_else(|| invalid("no host".to_string()))?;
+    let port = uri.port_u16().unwrap_or(80);
+    let addrs = attempt
+        .egress
+        .resolve(host, port)
+        .await
+        .map_err(|e| match e {
+            EgressError::Denied(message) => StepFailure::new("egress_denied", message),
+            EgressError::Lookup(message) => StepFailure::new(
+                "worker_unavailable",
+                format!("cannot connect to {address}: {message}"),
+            ),
+        })?;
+    let mut last_error = String::new();
+    for addr in addrs {
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| invalid(chain(&e)))?
+            .origin(uri.clone())
+            .connect_timeout(CONNECT_TIMEOUT);
+        match endpoint.connect().await {
+            Ok(channel) => return Ok(channel),
+            Err(e) => last_error = chain(&e),
+        }
+    }
+    Err(StepFailure::new(
+        "worker_unavailable",
+        format!("cannot connect to {address}: {last_error}"),
+    ))
+}
+
 /// The RunStep request of an attempt, with the step's metadata.
 fn request(
     spec: &GrpcSpec,
     attempt: &Attempt<'_>,
+    secrets: &Secrets,
 ) -> Result<Request<pb::RunStepRequest>, StepFailure> {
     let mut request = Request::new(pb::RunStepRequest {
         execution_id: attempt.execution_id.to_string(),
@@ -113,6 +158,7 @@ fn request(
                 format!("'{name}' is not a valid metadata name"),
             )
         })?;
+        let value = super::template::fill_secrets(value, secrets, &format!("metadata.{name}"))?;
         let value = AsciiMetadataValue::try_from(value.as_str()).map_err(|_| {
             StepFailure::new(
                 "start_failed",

@@ -16,7 +16,8 @@
 //! `{"status": 200, "body": "<the text, at most 64 KiB>"}`.
 //!
 //! **Failures** (the attempt's error kind): `template` (a placeholder names
-//! no value), `start_failed` (the filled-in URL or a header value is
+//! no value), `secret_missing` (a `${secrets.NAME}` is not set),
+//! `egress_denied` (the host is not allowed), `start_failed` (the filled-in URL or a header value is
 //! invalid), `http_transport` (DNS, connect, TLS, broken connection, too
 //! many redirects), `http_status` (`POST http://… answered 503 Service
 //! Unavailable: <first 1 KiB of the body>`), `output_too_large` (a response
@@ -25,24 +26,39 @@
 //!
 //! One `system` log line per response: `GET http://… -> 200 OK in 12ms`.
 //!
-//! All steps share one client (connection pool): a 10 s connect timeout, at
-//! most 5 redirects, no proxy from the environment, rustls with the webpki
-//! roots. The step's timeout and cancellation drop the request's future,
-//! which closes its connection.
+//! **Egress.** Before each connection the host is checked against the
+//! server's allowlist (see [`crate::engine::egress`]): an IP literal as is,
+//! a name by resolving it here and keeping only the allowed addresses, and
+//! the request then connects only to those. Redirects (at most
+//! [`MAX_REDIRECTS`]) are followed here, each hop checked the same way; a
+//! hop to another origin drops `Authorization`, `Cookie` and
+//! `Proxy-Authorization`; 301, 302 and 303 turn a POST (and any 303) into a
+//! GET without a body, 307 and 308 repeat the request. A refused host
+//! fails the attempt with kind `egress_denied`, which is never retried.
+//!
+//! Each request (each hop) has a client of its own, which resolves only the
+//! checked addresses: a 10 s connect timeout, no proxy from the environment,
+//! rustls with the webpki roots. The step's timeout and cancellation drop
+//! the request's future, which closes its connection.
 
 use std::error::Error as _;
-use std::sync::LazyLock;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use reqwest::header::{
+    AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, COOKIE, HeaderMap, HeaderName, HeaderValue,
+    LOCATION, PROXY_AUTHORIZATION,
+};
 use reqwest::{Method, Response, StatusCode, Url};
 use serde_json::Value;
 
-use super::template::{self, Escape};
+use super::template::{self, Escape, Scope};
 use super::{Attempt, StepFailure};
 use crate::domain::data::JsonMap;
 use crate::domain::definition::HttpSpec;
 use crate::domain::status::LogStream;
+use crate::engine::egress::{EgressError, EgressPolicy};
+use crate::engine::secrets::Secrets;
 
 /// Largest response body read; a longer one fails the attempt.
 pub const MAX_RESPONSE_BYTES: usize = 1024 * 1024;
@@ -55,51 +71,60 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Most redirects followed.
 pub const MAX_REDIRECTS: usize = 5;
 
-/// The process's one client, so connections are pooled across steps. Its
-/// connections belong to the tokio runtime that opened them: fine for the
-/// server, which has one runtime; tests that run servers in many runtimes
-/// give each its own address, so no pooled connection outlives its runtime.
-static CLIENT: LazyLock<Result<reqwest::Client, String>> = LazyLock::new(|| {
-    reqwest::Client::builder()
-        .connect_timeout(CONNECT_TIMEOUT)
-        .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
-        .no_proxy()
-        .user_agent(concat!("pipelined/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(error_chain)
-});
-
-pub async fn run(spec: &HttpSpec, attempt: &Attempt<'_>) -> Result<JsonMap, StepFailure> {
-    let client = CLIENT
-        .as_ref()
-        .map_err(|e| StepFailure::new("start_failed", format!("no HTTP client: {e}")))?;
-    let request = Request::build(spec, &attempt.input)?;
-    let shown = request.shown_url();
-
-    let mut builder = client
-        .request(request.method.clone(), request.url.clone())
-        .headers(request.headers);
-    if let Some(body) = request.body {
-        builder = builder.body(body);
-    }
-    let started = Instant::now();
-    let mut response = builder.send().await.map_err(|e| {
-        StepFailure::new(
-            "http_transport",
-            format!("{} {shown} failed: {}", request.method, error_chain(e)),
-        )
-    })?;
+pub async fn run(
+    spec: &HttpSpec,
+    attempt: &Attempt<'_>,
+    secrets: &Secrets,
+) -> Result<JsonMap, StepFailure> {
+    let scope = Scope {
+        data: &attempt.input,
+        secrets,
+    };
+    let mut request = Request::build(spec, &scope)?;
+    let mut redirects = 0;
+    let (mut response, shown) = loop {
+        let shown = request.shown_url();
+        let client = client_for(&request.url, attempt.egress).await?;
+        let mut builder = client
+            .request(request.method.clone(), request.url.clone())
+            .headers(request.headers.clone());
+        if let Some(body) = &request.body {
+            builder = builder.body(body.clone());
+        }
+        let started = Instant::now();
+        let response = builder.send().await.map_err(|e| {
+            StepFailure::new(
+                "http_transport",
+                format!("{} {shown} failed: {}", request.method, error_chain(e)),
+            )
+        })?;
+        let status = response.status();
+        attempt.reporter.log(
+            LogStream::System,
+            format!(
+                "{} {shown} -> {} in {}ms",
+                request.method,
+                status_text(status),
+                started.elapsed().as_millis()
+            )
+            .as_bytes(),
+        );
+        let Some(next) = request.redirected(&response)? else {
+            break (response, shown);
+        };
+        redirects += 1;
+        if redirects > MAX_REDIRECTS {
+            return Err(StepFailure::new(
+                "http_transport",
+                format!(
+                    "{} {shown} failed: more than {MAX_REDIRECTS} redirects",
+                    request.method
+                ),
+            ));
+        }
+        request = next;
+    };
     let status = response.status();
-    attempt.reporter.log(
-        LogStream::System,
-        format!(
-            "{} {shown} -> {} in {}ms",
-            request.method,
-            status_text(status),
-            started.elapsed().as_millis()
-        )
-        .as_bytes(),
-    );
 
     let expected = if spec.expected_statuses.is_empty() {
         (200..=299).contains(&status.as_u16())
@@ -152,6 +177,59 @@ pub async fn run(spec: &HttpSpec, attempt: &Attempt<'_>) -> Result<JsonMap, Step
     }
 }
 
+/// A client that connects `url`'s host only to the addresses the egress
+/// policy allows, and follows no redirects.
+async fn client_for(url: &Url, egress: &EgressPolicy) -> Result<reqwest::Client, StepFailure> {
+    let host = url.host_str().unwrap_or_default();
+    let port = url.port_or_known_default().unwrap_or(80);
+    let addrs = egress.resolve(host, port).await.map_err(|e| match e {
+        EgressError::Denied(message) => StepFailure::new("egress_denied", message),
+        EgressError::Lookup(message) => StepFailure::new(
+            "http_transport",
+            format!("{} failed: {message}", shown(url)),
+        ),
+    })?;
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .user_agent(concat!("pipelined/", env!("CARGO_PKG_VERSION")))
+        // Any name other than the checked one has nowhere to go.
+        .dns_resolver(Arc::new(NoLookup));
+    if let Some(domain) = url.domain() {
+        builder = builder.resolve_to_addrs(domain, &addrs);
+    }
+    builder.build().map_err(|e| {
+        StepFailure::new(
+            "start_failed",
+            format!("no HTTP client: {}", error_chain(e)),
+        )
+    })
+}
+
+/// A resolver that resolves nothing: a client resolves only the addresses
+/// checked for it ([`reqwest::ClientBuilder::resolve_to_addrs`]).
+struct NoLookup;
+
+impl reqwest::dns::Resolve for NoLookup {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let message = format!(
+            "{} was not checked against the egress allowlist",
+            name.as_str()
+        );
+        Box::pin(async move { Err(message.into()) })
+    }
+}
+
+/// `url` without a password, for messages and logs.
+fn shown(url: &Url) -> String {
+    let mut url = url.clone();
+    if url.password().is_some() {
+        let _ = url.set_password(Some("***"));
+    }
+    url.to_string()
+}
+
 /// A request with its templates filled in.
 struct Request {
     method: Method,
@@ -161,7 +239,7 @@ struct Request {
 }
 
 impl Request {
-    fn build(spec: &HttpSpec, data: &JsonMap) -> Result<Self, StepFailure> {
+    fn build(spec: &HttpSpec, data: &Scope) -> Result<Self, StepFailure> {
         let method = match spec.method.to_ascii_uppercase().as_str() {
             "" => Method::GET,
             other => Method::from_bytes(other.as_bytes()).map_err(|_| {
@@ -204,7 +282,7 @@ impl Request {
         let body = match &spec.body {
             Some(body) => Some(template::render_object(body, data, "body")?),
             None if matches!(method, Method::POST | Method::PUT | Method::PATCH) => {
-                Some(data.clone())
+                Some(data.data.clone())
             }
             None => None,
         };
@@ -224,11 +302,57 @@ impl Request {
 
     /// The URL for messages and logs, without a password.
     fn shown_url(&self) -> String {
-        let mut url = self.url.clone();
-        if url.password().is_some() {
-            let _ = url.set_password(Some("***"));
+        shown(&self.url)
+    }
+
+    /// The request to make next if `response` redirects (as browsers and
+    /// reqwest do); `None` if it does not.
+    fn redirected(&self, response: &Response) -> Result<Option<Self>, StepFailure> {
+        let status = response.status();
+        if !matches!(status.as_u16(), 301 | 302 | 303 | 307 | 308) {
+            return Ok(None);
         }
-        url.to_string()
+        let Some(location) = response.headers().get(LOCATION) else {
+            return Ok(None);
+        };
+        let url = location
+            .to_str()
+            .ok()
+            .and_then(|location| self.url.join(location).ok())
+            .filter(|url| matches!(url.scheme(), "http" | "https"))
+            .ok_or_else(|| {
+                StepFailure::new(
+                    "http_transport",
+                    format!(
+                        "{} {} failed: the redirect to {:?} is not an http:// or https:// URL",
+                        self.method,
+                        self.shown_url(),
+                        String::from_utf8_lossy(location.as_bytes())
+                    ),
+                )
+            })?;
+        let mut headers = self.headers.clone();
+        let mut method = self.method.clone();
+        let mut body = self.body.clone();
+        if status == StatusCode::SEE_OTHER && method != Method::HEAD
+            || matches!(status.as_u16(), 301 | 302) && method == Method::POST
+        {
+            method = Method::GET;
+            body = None;
+            headers.remove(CONTENT_TYPE);
+            headers.remove(CONTENT_LENGTH);
+        }
+        if url.origin() != self.url.origin() {
+            for name in [AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION] {
+                headers.remove(name);
+            }
+        }
+        Ok(Some(Self {
+            method,
+            url,
+            headers,
+            body,
+        }))
     }
 }
 
@@ -314,6 +438,15 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    static NO_SECRETS: Secrets = Secrets::empty();
+
+    fn scope(data: &JsonMap) -> Scope<'_> {
+        Scope {
+            data,
+            secrets: &NO_SECRETS,
+        }
+    }
+
     fn spec(value: Value) -> HttpSpec {
         serde_json::from_value(value).unwrap()
     }
@@ -330,7 +463,7 @@ mod tests {
         for (method, sends) in [("POST", true), ("put", true), ("PATCH", true), ("", false)] {
             let request = Request::build(
                 &spec(json!({"method": method, "url": "http://h/"})),
-                &data(),
+                &scope(&data()),
             )
             .unwrap();
             assert_eq!(request.body.is_some(), sends, "{method}");
@@ -345,7 +478,7 @@ mod tests {
                 json!({"method": "DELETE", "url": "http://h/", "body": {"id": "${id}"},
                 "headers": {"Content-Type": "application/merge-patch+json"}}),
             ),
-            &data(),
+            &scope(&data()),
         )
         .unwrap();
         assert_eq!(request.body.unwrap(), br#"{"id":7}"#);
@@ -358,7 +491,7 @@ mod tests {
     #[test]
     fn values_that_cannot_be_sent_fail_before_the_request() {
         let header = spec(json!({"url": "http://h/", "headers": {"x-name": "${name}"}}));
-        let failure = Request::build(&header, &data()).err().unwrap();
+        let failure = Request::build(&header, &scope(&data())).err().unwrap();
         assert_eq!(failure.kind, "start_failed");
         assert!(
             failure.message.contains("headers.x-name"),
@@ -366,7 +499,7 @@ mod tests {
             failure.message
         );
         let url = spec(json!({"url": "http://${missing}/"}));
-        let failure = Request::build(&url, &data()).err().unwrap();
+        let failure = Request::build(&url, &scope(&data())).err().unwrap();
         assert_eq!(
             (failure.kind.as_str(), failure.message.as_str()),
             ("template", "url: the step's data has no value at 'missing'")
@@ -377,7 +510,7 @@ mod tests {
     fn passwords_are_hidden_in_messages() {
         let request = Request::build(
             &spec(json!({"url": "https://u:secret@h/p?id=${id}"})),
-            &data(),
+            &scope(&data()),
         )
         .unwrap();
         assert_eq!(request.shown_url(), "https://u:***@h/p?id=7");

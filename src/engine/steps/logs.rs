@@ -7,12 +7,13 @@
 //! runner records the count in one last `system` log line of the attempt. So
 //! a step printing gigabytes costs bounded memory and bounded database rows.
 
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use tokio::sync::mpsc;
 
 use crate::domain::limits;
 use crate::domain::status::LogStream;
+use crate::engine::secrets::Redactor;
 
 /// Longest line kept; the rest of a longer line is cut off.
 pub const MAX_LINE_BYTES: usize = 4096;
@@ -42,6 +43,8 @@ pub struct Reporter {
     attempt: u32,
     sender: Option<mpsc::Sender<Report>>,
     budget: Mutex<Budget>,
+    /// Masks the attempt's secrets in what it reports.
+    redactor: OnceLock<Redactor>,
 }
 
 #[derive(Default)]
@@ -58,6 +61,7 @@ impl Reporter {
             attempt,
             sender: Some(sender),
             budget: Mutex::default(),
+            redactor: OnceLock::new(),
         }
     }
 
@@ -68,15 +72,35 @@ impl Reporter {
             attempt: 0,
             sender: None,
             budget: Mutex::default(),
+            redactor: OnceLock::new(),
+        }
+    }
+
+    /// Masks these secrets in every line and progress message reported
+    /// from now on; set once, before the attempt runs.
+    pub fn redact_with(&self, redactor: Redactor) {
+        let _ = self.redactor.set(redactor);
+    }
+
+    fn redact(&self, text: String) -> String {
+        match self.redactor.get() {
+            Some(redactor) if !redactor.is_empty() => redactor.text(&text).into_owned(),
+            _ => text,
         }
     }
 
     /// Reports one line (without its newline); invalid UTF-8 is replaced.
     pub fn log(&self, stream: LogStream, line: &[u8]) {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let mut text =
-            String::from_utf8_lossy(&line[..line.len().min(MAX_LINE_BYTES)]).into_owned();
-        if line.len() > MAX_LINE_BYTES {
+        // Masked before the cut, so that a secret across it is masked too.
+        let kept = &line[..line.len().min(2 * MAX_LINE_BYTES)];
+        let mut text = self.redact(String::from_utf8_lossy(kept).into_owned());
+        if text.len() > MAX_LINE_BYTES || line.len() > kept.len() {
+            let mut end = MAX_LINE_BYTES.min(text.len());
+            while !text.is_char_boundary(end) {
+                end -= 1;
+            }
+            text.truncate(end);
             text.push_str(" [line cut]");
         }
         let text = limits::without_nul(text);
@@ -89,6 +113,7 @@ impl Reporter {
         if percent.is_nan() {
             return;
         }
+        let message = self.redact(message.to_string());
         let message = limits::without_nul(message.chars().take(MAX_LINE_BYTES).collect());
         let size = message.len();
         self.send(
