@@ -9,13 +9,14 @@
 #                                           that reached new code into
 #                                           fuzz/corpus/<target>/ (review,
 #                                           then commit them)
+#   scripts/fuzz.sh --replay FILE TARGET    run TARGET on one input
 #
 # Targets (fuzz/fuzz_targets/): pipeline_yaml (definitions as YAML/JSON text),
 # pipeline_proto (definitions as protobuf bytes), condition (`when` CEL).
 # Each run starts from a temporary copy of fuzz/corpus/<target>/, so what it
 # finds stays out of the repository unless --grow is given. A crash leaves
 # its input in fuzz/artifacts/<target>/; replay it with
-#   cargo +nightly fuzz run -O -a -s none <target> fuzz/artifacts/<target>/<file>
+#   scripts/fuzz.sh --replay fuzz/artifacts/<target>/<file> <target>
 #
 # Installs what it needs: the nightly toolchain (minimal profile) when
 # missing, and cargo-fuzz, pinned, from crates.io into .tools/cargo-fuzz/.
@@ -28,24 +29,37 @@ ALL_TARGETS=(pipeline_yaml pipeline_proto condition)
 # definition near the step limit, a condition over its 4096-byte limit
 # with data after it.
 declare -A MAX_LEN=([pipeline_yaml]=32768 [pipeline_proto]=32768 [condition]=8192)
-# Release build with debug assertions and overflow checks, no sanitizer (the
-# code under test has no unsafe code of its own; AddressSanitizer makes the
-# build much slower), and 16 codegen units for a shorter build.
-BUILD_FLAGS=(-O -a -s none --codegen-units 16)
+# Where the targets are built: outside the repository, so that the build
+# (every dependency of pipelined again, with coverage instrumentation) is
+# kept between runs and fresh clones on the same machine.
+CACHE_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/pipelined"
+TARGET_DIR="${PIPELINED_FUZZ_TARGET_DIR:-$CACHE_DIR/fuzz-target}"
+# Optimized build with debug assertions and overflow checks, without a
+# sanitizer (no code of ours is unsafe, and AddressSanitizer makes the build
+# much slower), 16 codegen units, and (RUSTFLAGS below) opt-level 1 and no
+# debug info: a build several times shorter, for somewhat slower runs.
+BUILD_FLAGS=(-O -a -s none --codegen-units 16 --target-dir "$TARGET_DIR")
+export RUSTFLAGS="${PIPELINED_FUZZ_RUSTFLAGS:--Copt-level=1 -Cdebuginfo=0}"
 
 seconds=20
 grow=0
+replay=""
 targets=()
-for arg in "$@"; do
-    case "$arg" in
+while [ $# -gt 0 ]; do
+    case "$1" in
         --grow) grow=1 ;;
+        --replay)
+            replay="$(realpath "$2")"
+            shift
+            ;;
         -h | --help)
-            sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'
+            sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
-        *[!0-9]*) targets+=("$arg") ;;
-        *) seconds="$arg" ;;
+        *[!0-9]*) targets+=("$1") ;;
+        *) seconds="$1" ;;
     esac
+    shift
 done
 [ ${#targets[@]} -gt 0 ] || targets=("${ALL_TARGETS[@]}")
 for target in "${targets[@]}"; do
@@ -63,7 +77,9 @@ fi
 tools="$PWD/.tools/cargo-fuzz"
 if [ "$(cat "$tools/stamp" 2>/dev/null)" != "$CARGO_FUZZ_VERSION" ]; then
     echo "==> installing cargo-fuzz $CARGO_FUZZ_VERSION into .tools/cargo-fuzz/"
-    cargo install cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked --root "$tools"
+    # Its build is kept in the cache too: in a fresh clone this takes seconds.
+    cargo install cargo-fuzz --version "$CARGO_FUZZ_VERSION" --locked --root "$tools" \
+        --target-dir "$CACHE_DIR/cargo-fuzz-build"
     echo "$CARGO_FUZZ_VERSION" >"$tools/stamp"
 fi
 export PATH="$tools/bin:$PATH"
@@ -75,6 +91,12 @@ lock_before="$(sha256sum fuzz/Cargo.lock)"
 echo "    built in $((SECONDS - started)) s"
 if [ "$(sha256sum fuzz/Cargo.lock)" != "$lock_before" ]; then
     echo "!!! fuzz/Cargo.lock changed (a dependency was added to pipelined?): commit it." >&2
+fi
+
+if [ -n "$replay" ]; then
+    [ ${#targets[@]} -eq 1 ] || { echo "--replay FILE needs one target" >&2; exit 2; }
+    cd fuzz
+    exec cargo +nightly fuzz run "${BUILD_FLAGS[@]}" "${targets[0]}" "$replay"
 fi
 
 work="$(mktemp -d)"
