@@ -2,6 +2,7 @@
 # Runs every test of pipelined: formatting, lints, the protos (buf lint,
 # breaking-change check, generated clients up to date), unit tests and the
 # integration suite (a real server on a real socket) with the SQLite default,
+# the fuzz targets in fuzz/ for 20 s each (nightly Rust, see scripts/fuzz.sh),
 # the Python, TypeScript and Go clients' examples against the real binary,
 # and the integration suite again on a throwaway PostgreSQL cluster started
 # from the machine's PostgreSQL binaries (see scripts/postgres.sh). Needs
@@ -15,6 +16,7 @@ cd "$(dirname "$0")/.."
 
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 
 echo "==> cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
@@ -24,6 +26,9 @@ scripts/proto.sh check
 
 echo "==> cargo test (SQLite)"
 cargo test --workspace --locked
+
+echo "==> fuzzing: every target in fuzz/ for 20 s"
+scripts/fuzz.sh 20
 
 echo "==> clients: Python, TypeScript and Go examples against the real server"
 cargo build --locked

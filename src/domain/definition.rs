@@ -485,6 +485,18 @@ impl PipelineSpec {
                         "must be at most 24 hours",
                     ));
                 }
+                // Its values are its output: values over the output limits
+                // would fail every attempt.
+                StepKind::Set { values } => {
+                    if let Err(problem) =
+                        super::limits::check_object(values, super::limits::MAX_STEP_OUTPUT_BYTES)
+                    {
+                        violations.push(FieldViolation::new(
+                            format!("steps[{i}].set.values"),
+                            format!("the values (the step's output) {problem}"),
+                        ));
+                    }
+                }
                 StepKind::Command(command) if command.program.trim().is_empty() => {
                     violations.push(FieldViolation::new(
                         format!("steps[{i}].command.program"),
@@ -707,7 +719,16 @@ impl Graph {
 }
 
 fn check_name(field: &str, name: &str, violations: &mut Vec<FieldViolation>) {
-    let problem = if name.is_empty() {
+    if let Some(description) = name_problem(name) {
+        violations.push(FieldViolation::new(field, description));
+    }
+}
+
+/// Why `name` cannot be the name of a pipeline or a step, if it cannot.
+/// Requests that name a pipeline are checked with it too: a name no
+/// pipeline can have is a bad argument, not a pipeline that is not found.
+pub fn name_problem(name: &str) -> Option<String> {
+    if name.is_empty() {
         Some("must not be empty".to_string())
     } else if name.len() > MAX_NAME_LEN {
         Some(format!("must be at most {MAX_NAME_LEN} characters"))
@@ -718,9 +739,6 @@ fn check_name(field: &str, name: &str, violations: &mut Vec<FieldViolation>) {
         Some("may contain only letters, digits, '-', '_' and '.'".to_string())
     } else {
         None
-    };
-    if let Some(description) = problem {
-        violations.push(FieldViolation::new(field, description));
     }
 }
 
@@ -1011,6 +1029,70 @@ mod tests {
         assert_eq!(g.order, vec![1, 0, 2]);
         assert_eq!(g.ancestors(0), vec![1]);
         assert_eq!(g.downstream(1), vec![0, 1]);
+    }
+}
+
+#[cfg(test)]
+mod hostile_tests {
+    use super::*;
+
+    fn violations(yaml: &str) -> Vec<FieldViolation> {
+        let spec: PipelineSpec = serde_yaml_ng::from_str(yaml).unwrap();
+        match spec.validate(&CommandPolicy::default()) {
+            Err(Error::InvalidArgument(v)) => v,
+            other => panic!("expected violations, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn set_values_beyond_the_output_limits_are_refused() {
+        let deep = format!("{}1{}", "[".repeat(40), "]".repeat(40));
+        let v = violations(&format!(
+            "name: p\nsteps: [{{name: a, set: {{values: {{k: {deep}}}}}}}]"
+        ));
+        assert_eq!(v[0].field, "steps[0].set.values");
+        assert!(v[0].description.contains("nested more than 32"), "{v:?}");
+        let big = "x".repeat(300 * 1024);
+        let v = violations(&format!(
+            "name: p\nsteps: [{{name: a, set: {{values: {{k: {big}}}}}}}]"
+        ));
+        assert!(
+            v[0].description.contains("more than the limit of 262144"),
+            "{v:?}"
+        );
+        // Within the limits they are taken.
+        let spec: PipelineSpec =
+            serde_yaml_ng::from_str("name: p\nsteps: [{name: a, set: {values: {k: [[[1]]]}}}]")
+                .unwrap();
+        assert!(spec.validate(&CommandPolicy::default()).is_ok());
+    }
+
+    #[test]
+    fn names_with_control_characters_are_not_names() {
+        for name in ["p\0", "a\nb", "p\x1b[31m", "", &"n".repeat(129)] {
+            assert!(name_problem(name).is_some(), "{name:?}");
+        }
+        assert_eq!(name_problem("etl-2024_v1.0"), None);
+    }
+
+    #[test]
+    fn enormous_durations_are_refused_or_unreadable() {
+        // Too long for a Duration: a parse error, not a panic.
+        assert!(
+            serde_yaml_ng::from_str::<PipelineSpec>(
+                "name: p\nsteps: [{name: a, sleep: {duration: 99999999999999999999y}}]"
+            )
+            .is_err()
+        );
+        let v = violations(
+            "name: p\ntimeout: 18446744073709551615s\n\
+             steps: [{name: a, timeout: 500000y, sleep: {duration: 500000y}}]",
+        );
+        let fields: Vec<&str> = v.iter().map(|v| v.field.as_str()).collect();
+        assert_eq!(
+            fields,
+            ["timeout", "steps[0].timeout", "steps[0].sleep.duration"]
+        );
     }
 }
 

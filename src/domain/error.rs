@@ -22,21 +22,22 @@ impl FieldViolation {
 pub enum Error {
     #[error("invalid request: {}", describe(.0))]
     InvalidArgument(Vec<FieldViolation>),
-    #[error("{kind} '{id}' not found")]
+    #[error("{kind} '{}' not found", preview(.id))]
     NotFound { kind: &'static str, id: String },
-    #[error("{kind} '{id}' already exists")]
+    #[error("{kind} '{}' already exists", preview(.id))]
     AlreadyExists { kind: &'static str, id: String },
     /// An illegal state transition or an operation the current state forbids.
     #[error("{0}")]
     FailedPrecondition(String),
     /// A `command` step names a program the server does not allow.
     #[error(
-        "{field}: program '{program}' is not allowed on this server; command steps run only \
-         for programs given to `pipelined serve --allow-command`"
+        "{field}: program '{}' is not allowed on this server; command steps run only \
+         for programs given to `pipelined serve --allow-command`",
+        preview(.program)
     )]
     CommandNotAllowed { field: String, program: String },
     /// A request id was used before for a different request.
-    #[error("request_id '{0}' was already used for a different request")]
+    #[error("request_id '{}' was already used for a different request", preview(.0))]
     RequestIdReused(String),
     /// A limit refuses the request (a pipeline's concurrency cap).
     #[error("{0}")]
@@ -80,10 +81,46 @@ impl Error {
     }
 }
 
+/// A value a caller sent, cut to 64 characters to be quoted in a message
+/// (a status message travels in HTTP/2 headers, which clients limit).
+pub fn preview(value: &str) -> String {
+    const SHOWN: usize = 64;
+    match value.char_indices().nth(SHOWN) {
+        Some((end, _)) => format!("{}…", &value[..end]),
+        None => value.to_owned(),
+    }
+}
+
 fn describe(violations: &[FieldViolation]) -> String {
     violations
         .iter()
         .map(|v| format!("{}: {}", v.field, v.description))
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoted_values_are_cut() {
+        let long = Error::NotFound {
+            kind: "pipeline",
+            id: "é".repeat(1000),
+        };
+        assert_eq!(
+            long.to_string(),
+            format!("pipeline '{}…' not found", "é".repeat(64))
+        );
+        let short = Error::CommandNotAllowed {
+            field: "steps[0].command.program".into(),
+            program: "rm".into(),
+        };
+        assert!(
+            short
+                .to_string()
+                .starts_with("steps[0].command.program: program 'rm' is not")
+        );
+    }
 }

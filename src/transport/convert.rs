@@ -118,8 +118,18 @@ fn duration_from_proto(
     path: &str,
     violations: &mut Violations,
 ) -> Option<Duration> {
-    if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 {
+    if d.seconds < 0 || d.nanos < 0 {
         violations.add(path, "must be a non-negative duration");
+        return None;
+    }
+    if d.nanos >= 1_000_000_000 {
+        violations.add(
+            path,
+            format!(
+                "nanos must be below 1000000000 (whole seconds go in seconds), not {}",
+                d.nanos
+            ),
+        );
         return None;
     }
     Some(Duration::new(d.seconds as u64, d.nanos as u32))
@@ -140,6 +150,26 @@ pub fn timestamp(t: DateTime<Utc>) -> prost_types::Timestamp {
 }
 
 // ----- pipelines -----
+
+/// [`check_pipeline_name`] of a required name, as a result.
+pub fn pipeline_name(name: &str, field: &str) -> Result<(), Error> {
+    let mut v = Violations::default();
+    check_pipeline_name(field, name, true, &mut v);
+    v.into_result(())
+}
+
+/// Checks a request's reference to a pipeline by name (`field` is required
+/// when `required`): a name no pipeline can have (NUL, control characters,
+/// too long) is refused as such, and never reaches the database.
+pub fn check_pipeline_name(field: &str, name: &str, required: bool, v: &mut Violations) {
+    if name.is_empty() {
+        if required {
+            v.add(field, "is required");
+        }
+    } else if let Some(problem) = crate::domain::definition::name_problem(name) {
+        v.add(field, problem);
+    }
+}
 
 /// Reads a pipeline definition; `path` prefixes field paths (`pipeline`).
 pub fn spec_from_proto(pipeline: Option<pb::Pipeline>, path: &str) -> Result<PipelineSpec, Error> {
@@ -693,6 +723,36 @@ mod tests {
         let back = struct_to_json(Some(json_to_struct(&map)), "input", &mut v);
         assert_eq!(Value::Object(back), data);
         assert!(v.0.is_empty());
+    }
+
+    #[test]
+    fn durations_out_of_range_are_named() {
+        let mut v = Violations::default();
+        let read = |seconds, nanos, v: &mut Violations| {
+            duration_from_proto(prost_types::Duration { seconds, nanos }, "timeout", v)
+        };
+        assert_eq!(
+            read(i64::MAX, 999_999_999, &mut v),
+            Some(Duration::new(i64::MAX as u64, 999_999_999))
+        );
+        assert_eq!(read(i64::MIN, 0, &mut v), None);
+        assert_eq!(read(1, -1, &mut v), None);
+        assert_eq!(read(0, 1_000_000_000, &mut v), None);
+        let descriptions: Vec<&str> = v.0.iter().map(|f| f.description.as_str()).collect();
+        assert_eq!(descriptions[..2], ["must be a non-negative duration"; 2]);
+        assert!(descriptions[2].starts_with("nanos must be below 1000000000"));
+    }
+
+    #[test]
+    fn pipeline_names_in_requests_are_checked() {
+        let mut v = Violations::default();
+        check_pipeline_name("pipeline_name", "ok", true, &mut v);
+        check_pipeline_name("pipeline_name", "", false, &mut v);
+        assert!(v.0.is_empty());
+        check_pipeline_name("pipeline_name", "", true, &mut v);
+        check_pipeline_name("pipeline_name", "ok\0", false, &mut v);
+        assert_eq!(v.0[0].description, "is required");
+        assert!(v.0[1].description.starts_with("may contain only"));
     }
 
     #[test]

@@ -137,9 +137,10 @@ fn required(value: &str, field: &str) -> Result<(), Error> {
 
 fn execution_id(value: &str) -> Result<&str, Error> {
     required(value, "execution_id")?;
-    uuid::Uuid::parse_str(value)
-        .map(|_| value)
-        .map_err(|_| Error::invalid("execution_id", format!("'{value}' is not an execution id")))
+    uuid::Uuid::parse_str(value).map(|_| value).map_err(|_| {
+        let shown = crate::domain::error::preview(value);
+        Error::invalid("execution_id", format!("'{shown}' is not an execution id"))
+    })
 }
 
 fn page_size(value: i32, default: i32) -> Result<u64, Error> {
@@ -217,7 +218,7 @@ impl PipelineService for PipelineApi {
         request: Request<pb::GetPipelineRequest>,
     ) -> Result<Response<pb::GetPipelineResponse>, Status> {
         let request = request.into_inner();
-        required(&request.name, "name")?;
+        convert::pipeline_name(&request.name, "name")?;
         let version = match request.version {
             0 => None,
             v if v > 0 => Some(v),
@@ -235,6 +236,11 @@ impl PipelineService for PipelineApi {
     ) -> Result<Response<pb::ListPipelinesResponse>, Status> {
         let request = request.into_inner();
         let limit = page_size(request.page_size, 100)?;
+        if !request.page_token.is_empty()
+            && convert::pipeline_name(&request.page_token, "page_token").is_err()
+        {
+            return Err(Error::invalid("page_token", "is not a token this server returned").into());
+        }
         let after = (!request.page_token.is_empty()).then_some(request.page_token.as_str());
         let mut pipelines = self.engine.list_pipelines(after, limit + 1).await?;
         let next_page_token = if pipelines.len() as u64 > limit {
@@ -281,7 +287,7 @@ impl PipelineService for PipelineApi {
         let audited = self.audited(&request, "DeletePipeline", request.get_ref().name.clone())?;
         let result: Result<_, Status> = async {
             let request = request.into_inner();
-            required(&request.name, "name")?;
+            convert::pipeline_name(&request.name, "name")?;
             self.engine.delete_pipeline(&request.name).await?;
             Ok(Response::new(pb::DeletePipelineResponse {}))
         }
@@ -301,9 +307,7 @@ impl PipelineService for PipelineApi {
         let result: Result<_, Status> = async {
             let request = request.into_inner();
             let mut v = Violations::default();
-            if request.pipeline_name.is_empty() {
-                v.add("pipeline_name", "is required");
-            }
+            convert::check_pipeline_name("pipeline_name", &request.pipeline_name, true, &mut v);
             if request.correlation_id.len() > MAX_CORRELATION_ID_LEN {
                 v.add(
                     "correlation_id",
@@ -384,6 +388,10 @@ impl PipelineService for PipelineApi {
             v.add("page_token", "is not a token this server returned");
         }
         check_labels(&request.labels, &mut v);
+        convert::check_pipeline_name("pipeline_name", &request.pipeline_name, false, &mut v);
+        if request.correlation_id.contains('\0') {
+            v.add("correlation_id", "must not hold NUL characters");
+        }
         let filter = v.into_result(ExecutionFilter {
             pipeline_name: (!request.pipeline_name.is_empty()).then_some(request.pipeline_name),
             statuses,

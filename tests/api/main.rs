@@ -14,6 +14,7 @@ mod grpc_steps;
 mod grpc_web;
 mod helpers;
 mod http_steps;
+mod malformed;
 mod mesh;
 mod outage;
 mod pipelines;
