@@ -165,7 +165,7 @@ pub async fn serve(
     // The TLS files are checked before anything else starts.
     let tls = config.tls.as_ref().map(tls::acceptor).transpose()?;
     let authenticator = Authenticator::load(&config.auth)?;
-    if authenticator.is_none() && !listener.local_addr()?.ip().is_loopback() {
+    if authenticator.is_none() && !listener.local_addr()?.ip().to_canonical().is_loopback() {
         tracing::warn!(
             addr = %listener.local_addr()?,
             "authentication is off and the server listens beyond this machine: every caller \

@@ -335,11 +335,11 @@ impl Shared {
         }
         match self.store.admit_execution(&mut exec, cap.as_ref()).await? {
             Admission::Existing(existing) => {
-                tracing::info!(execution = %existing.id, status = %existing.status, "request id matches an existing execution");
+                tracing::info!(execution_id = %existing.id, status = %existing.status, "request id matches an existing execution");
                 Ok(*existing)
             }
             Admission::Created { to_cancel } => {
-                tracing::info!(execution = %exec.id, pipeline = %exec.pipeline_name, status = %exec.status, "execution admitted");
+                tracing::info!(execution_id = %exec.id, pipeline = %exec.pipeline_name, status = %exec.status, "execution admitted");
                 if exec.status == ExecutionStatus::Queued {
                     let events = self.store.events_after(&exec.id, 0, 1).await?;
                     self.hub.publish(&events);
@@ -352,7 +352,7 @@ impl Shared {
                     let shared = Arc::clone(self);
                     self.tasks.spawn(async move {
                         if let Err(error) = shared.cancel_execution(&id, CancelMode::Terminate).await {
-                            tracing::info!(execution = %id, %error, "could not evict an execution for a newer one");
+                            tracing::info!(execution_id = %id, %error, "could not evict an execution for a newer one");
                         }
                     });
                 }
@@ -516,7 +516,7 @@ impl Shared {
         };
         for (id, text) in requests {
             let Some(action) = Action::parse(&text) else {
-                tracing::warn!(execution = %id, request = %text, "unknown forwarded request");
+                tracing::warn!(execution_id = %id, request = %text, "unknown forwarded request");
                 continue;
             };
             // Each on its own, so that a runner slow to answer holds up
@@ -525,13 +525,13 @@ impl Shared {
             self.tasks.spawn(async move {
                 match tokio::time::timeout(FORWARD_PATIENCE, shared.control_here(&id, action)).await {
                     Ok(Some(Ok(_))) => {
-                        tracing::info!(execution = %id, request = %text, "carried out a forwarded request")
+                        tracing::info!(execution_id = %id, request = %text, "carried out a forwarded request")
                     }
                     Ok(Some(Err(error))) => {
-                        tracing::info!(execution = %id, request = %text, %error, "refused a forwarded request")
+                        tracing::info!(execution_id = %id, request = %text, %error, "refused a forwarded request")
                     }
                     Ok(None) | Err(_) => {
-                        tracing::warn!(execution = %id, request = %text, "a forwarded request found no runner answering here")
+                        tracing::warn!(execution_id = %id, request = %text, "a forwarded request found no runner answering here")
                     }
                 }
             });
@@ -661,14 +661,14 @@ impl Shared {
                 match self.store.get_execution(&id).await {
                     Ok(exec) if exec.status.holds_slot() => {
                         if self.register_and_spawn(exec).is_ok() {
-                            tracing::info!(execution = %id, "resuming an execution no replica holds");
+                            tracing::info!(execution_id = %id, "resuming an execution no replica holds");
                             started += 1;
                         }
                     }
                     Ok(_) => {}
                     // Not started: its claim lapses and it is claimed again.
                     Err(error) => {
-                        tracing::warn!(execution = %id, %error, "cannot resume an execution")
+                        tracing::warn!(execution_id = %id, %error, "cannot resume an execution")
                     }
                 }
             }
@@ -795,7 +795,7 @@ impl Shared {
         {
             Ok(events) => self.hub.publish(&events),
             Err(error) => {
-                tracing::warn!(execution = %id, %error, "reading another replica's events failed")
+                tracing::warn!(execution_id = %id, %error, "reading another replica's events failed")
             }
         }
     }
@@ -841,7 +841,7 @@ impl Shared {
             if let Err(error) = self.register_and_spawn(exec) {
                 // Its previous runner is still finishing; that runner's end
                 // promotes again.
-                tracing::warn!(execution = %id, %error, "cannot start a promoted execution yet");
+                tracing::warn!(execution_id = %id, %error, "cannot start a promoted execution yet");
             }
         }
         Ok(())
@@ -880,7 +880,7 @@ impl Shared {
     /// Makes the runner of `id`, if any, stop at once: its lease is gone.
     fn stop_runner(&self, id: &str) {
         if let Some(runner) = self.runners.lock().expect("runners lock").get(id) {
-            tracing::warn!(execution = %id, "stopping a runner whose lease is gone");
+            tracing::warn!(execution_id = %id, "stopping a runner whose lease is gone");
             runner.stop.cancel();
         }
     }

@@ -966,11 +966,11 @@ impl Runner {
                 Ok(()) => return true,
                 Err(StoreError::LeaseLost(_)) => {
                     // Another replica runs it now; stop without recording.
-                    tracing::warn!(execution = %self.exec.id, "lost the lease on this execution; another replica took it over");
+                    tracing::warn!(execution_id = %self.exec.id, "lost the lease on this execution; another replica took it over");
                     return false;
                 }
                 Err(error) => {
-                    tracing::warn!(execution = %self.exec.id, %error, "saving execution state failed; retrying");
+                    tracing::warn!(execution_id = %self.exec.id, %error, "saving execution state failed; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         _ = self.stop.cancelled() => return false,

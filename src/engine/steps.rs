@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::egress::EgressPolicy;
 use super::processes::ProcessRegistry;
-use super::secrets::{self, SecretStore, Secrets};
+use super::secrets::{SecretStore, Secrets};
 use crate::domain::data::JsonMap;
 use crate::domain::definition::{CommandPolicy, CommandSpec, StepKind};
 use crate::domain::limits;
@@ -192,6 +192,10 @@ impl Drop for ProcessGroup {
     }
 }
 
+/// The prefix of the server's own environment variables (settings and
+/// secrets), none of which a command step inherits.
+const SERVER_ENV_PREFIX: &str = "PIPELINED_";
+
 async fn run_command(
     spec: &CommandSpec,
     attempt: &Attempt<'_>,
@@ -207,11 +211,13 @@ async fn run_command(
         ));
     }
     let mut command = tokio::process::Command::new(&spec.program);
-    // The server's secrets reach a program only through `${secrets.NAME}`.
+    // The server's own settings (a database URL with its password, say)
+    // are not the program's business, and its secrets reach a program only
+    // through `${secrets.NAME}`: no `PIPELINED_*` variable is inherited.
     for (key, _) in std::env::vars_os() {
         if key
             .to_str()
-            .is_some_and(|key| key.starts_with(secrets::ENV_PREFIX))
+            .is_some_and(|key| key.starts_with(SERVER_ENV_PREFIX))
         {
             command.env_remove(key);
         }

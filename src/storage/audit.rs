@@ -90,14 +90,21 @@ enum Message {
 /// writer task, which ends when the last clone is dropped.
 #[derive(Clone)]
 pub struct AuditLog {
-    sender: mpsc::UnboundedSender<Message>,
+    sender: mpsc::Sender<Message>,
     store: Store,
 }
+
+/// Events waiting to be written, at most: a database slower than the calls
+/// cannot make the queue grow without bound. Over it, an event is kept only
+/// in the log (as when a write fails).
+const MAX_QUEUED: usize = 10_000;
+/// Attempts to write a batch before it is left to the log.
+const WRITE_ATTEMPTS: u32 = 5;
 
 impl AuditLog {
     /// Starts the writer task on `store`.
     pub fn start(store: Store) -> Self {
-        let (sender, receiver) = mpsc::unbounded_channel();
+        let (sender, receiver) = mpsc::channel(MAX_QUEUED);
         tokio::spawn(write(store.clone(), receiver));
         Self { sender, store }
     }
@@ -113,8 +120,18 @@ impl AuditLog {
             code = %event.code,
             "audit"
         );
-        if self.sender.send(Message::Event(Box::new(event))).is_err() {
-            tracing::error!("the audit writer has stopped; an audit event is lost");
+        match self.sender.try_send(Message::Event(Box::new(event))) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => tracing::error!(
+                queued = MAX_QUEUED,
+                "the audit queue is full (the database is slow); the event above is kept only in \
+                 this log"
+            ),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                tracing::error!(
+                    "the audit writer has stopped; the event above is kept only in this log"
+                )
+            }
         }
     }
 
@@ -128,13 +145,13 @@ impl AuditLog {
     /// Waits until every event recorded before this call is written.
     pub async fn flush(&self) {
         let (done, written) = oneshot::channel();
-        if self.sender.send(Message::Flush(done)).is_ok() {
+        if self.sender.send(Message::Flush(done)).await.is_ok() {
             let _ = written.await;
         }
     }
 }
 
-async fn write(store: Store, mut receiver: mpsc::UnboundedReceiver<Message>) {
+async fn write(store: Store, mut receiver: mpsc::Receiver<Message>) {
     let mut events = Vec::new();
     let mut flushes = Vec::new();
     while let Some(first) = receiver.recv().await {
@@ -148,7 +165,17 @@ async fn write(store: Store, mut receiver: mpsc::UnboundedReceiver<Message>) {
                 next = receiver.try_recv().ok();
             }
         }
-        if let Err(error) = store.insert_audit_events(&events).await {
+        let mut written = store.insert_audit_events(&events).await;
+        let mut backoff = std::time::Duration::from_millis(100);
+        for _ in 1..WRITE_ATTEMPTS {
+            if written.is_ok() || events.is_empty() {
+                break;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff *= 2;
+            written = store.insert_audit_events(&events).await;
+        }
+        if let Err(error) = written {
             // Kept in the log at least; the calls themselves have happened.
             for event in &events {
                 tracing::error!(

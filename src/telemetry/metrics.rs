@@ -49,6 +49,7 @@ const METHODS: &[&str] = &[
     "pipeline.v1.PipelineService/ResumeExecution",
     "pipeline.v1.PipelineService/WatchExecution",
     "pipeline.v1.PipelineService/WatchExecutions",
+    "pipeline.v1.PipelineService/ListAuditEvents",
     "grpc.health.v1.Health/Check",
     "grpc.health.v1.Health/Watch",
     "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
@@ -162,6 +163,9 @@ pub struct Metrics {
     rpc_duration: HistogramFamily<RpcLabels>,
     executions: Family<ExecutionLabels, Counter>,
     executions_active: Family<ExecutionLabels, Gauge>,
+    /// Held by a scrape from replacing the active-execution gauges to
+    /// encoding them.
+    scrape_lock: std::sync::Mutex<()>,
     step_duration: HistogramFamily<StepLabels>,
     queue_depth: Family<QueueLabels, Gauge>,
     active_watchers: Family<MethodLabels, Gauge>,
@@ -251,6 +255,7 @@ impl Metrics {
             rpc_duration,
             executions,
             executions_active,
+            scrape_lock: std::sync::Mutex::new(()),
             step_duration,
             queue_depth,
             active_watchers,
@@ -412,16 +417,28 @@ pub async fn serve<F, Fut>(
                             "only GET\n".into(),
                         );
                     }
-                    match count_active().await {
-                        Ok(counts) => metrics.set_active(&counts),
-                        Err(error) => {
-                            tracing::warn!(%error, "counting active executions for /metrics failed")
+                    let counted = count_active().await;
+                    // One scrape at a time between replacing the gauges and
+                    // encoding them: another scrape's replacement would
+                    // otherwise show an empty family.
+                    let text = {
+                        let _scrape = metrics
+                            .scrape_lock
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner());
+                        match counted {
+                            Ok(counts) => metrics.set_active(&counts),
+                            Err(error) => tracing::warn!(
+                                %error,
+                                "counting active executions for /metrics failed"
+                            ),
                         }
-                    }
+                        metrics.encode()
+                    };
                     reply(
                         StatusCode::OK,
                         "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                        metrics.encode(),
+                        text,
                     )
                 }
             });

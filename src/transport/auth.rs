@@ -211,32 +211,51 @@ impl Authenticator {
 impl JwtSettings {
     fn verify(&self, token: &str) -> Result<Caller, AuthError> {
         let header = jsonwebtoken::decode_header(token).map_err(jwt_error)?;
-        let key = self
-            .keys
-            .iter()
-            .find(|key| {
-                key.algorithms.contains(&header.alg)
-                    && (header.kid.is_none() || key.kid == header.kid)
-            })
-            .ok_or_else(|| {
-                AuthError::Jwt(match &header.kid {
-                    Some(kid) => format!("no key '{kid}' for {:?} in the JWKS", header.alg),
+        // Without a `kid`, every key of the algorithm is a candidate (during
+        // a key rotation the JWKS holds the old and the new key).
+        let candidates = self.keys.iter().filter(|key| {
+            key.algorithms.contains(&header.alg) && (header.kid.is_none() || key.kid == header.kid)
+        });
+        let mut claims = None;
+        let mut failure = None;
+        for key in candidates {
+            let mut validation = Validation::new(header.alg);
+            validation.algorithms = key.algorithms.clone();
+            validation.set_issuer(&[&self.issuer]);
+            validation.set_audience(&[&self.audience]);
+            validation.validate_nbf = true;
+            validation.required_spec_claims =
+                HashSet::from(["exp", "iss", "aud", "sub"].map(String::from));
+            match jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
+                token,
+                &key.key,
+                &validation,
+            ) {
+                Ok(decoded) => {
+                    claims = Some(decoded.claims);
+                    break;
+                }
+                // Another key may have signed it; any other problem is the token's.
+                Err(error) if matches!(error.kind(), ErrorKind::InvalidSignature) => {
+                    failure = Some(jwt_error(error));
+                }
+                Err(error) => return Err(jwt_error(error)),
+            }
+        }
+        let claims = match (claims, failure) {
+            (Some(claims), _) => claims,
+            (None, Some(failure)) => return Err(failure),
+            (None, None) => {
+                return Err(AuthError::Jwt(match &header.kid {
+                    Some(kid) => format!(
+                        "no key '{}' for {:?} in the JWKS",
+                        crate::domain::error::preview(kid),
+                        header.alg
+                    ),
                     None => format!("no key for {:?} in the JWKS", header.alg),
-                })
-            })?;
-        let mut validation = Validation::new(header.alg);
-        validation.algorithms = key.algorithms.clone();
-        validation.set_issuer(&[&self.issuer]);
-        validation.set_audience(&[&self.audience]);
-        validation.required_spec_claims =
-            HashSet::from(["exp", "iss", "aud", "sub"].map(String::from));
-        let claims = jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
-            token,
-            &key.key,
-            &validation,
-        )
-        .map_err(jwt_error)?
-        .claims;
+                }));
+            }
+        };
         let name = claims
             .get("sub")
             .and_then(|sub| sub.as_str())

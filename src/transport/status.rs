@@ -125,7 +125,8 @@ pub fn deadline_exceeded(timeout: Duration) -> Status {
 /// Refused credentials: UNAUTHENTICATED, saying what was wrong.
 impl From<super::auth::AuthError> for Status {
     fn from(error: super::auth::AuthError) -> Self {
-        Status::unauthenticated(error.to_string())
+        // The message may quote what the caller sent (a JWT's `kid`).
+        Status::unauthenticated(bounded(&error.to_string(), MAX_MESSAGE_BYTES))
     }
 }
 

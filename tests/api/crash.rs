@@ -333,6 +333,13 @@ async fn a_step_process_orphaned_by_sigkill_is_killed_when_the_server_restarts()
     wait_until("the first attempt writes its pid", || read_pid().is_some()).await;
     let pid = read_pid().unwrap();
     let _cleanup = KillGroupOnDrop(pid);
+    // The server records the group just after starting it; the program can
+    // be quicker to write its pid than the server to write that record.
+    let record = data.join("processes").join(pid.to_string());
+    wait_until("the server records the attempt's process group", || {
+        record.exists()
+    })
+    .await;
 
     server.kill().await;
     assert!(

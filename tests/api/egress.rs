@@ -283,7 +283,7 @@ async fn every_redirect_hop_is_checked_and_credentials_stay_with_their_origin() 
         &app,
         "redirect-across",
         &format!(
-            "http: {{url: \"{}\", headers: {{Authorization: Bearer abc}}}}",
+            "http: {{url: \"{}\", headers: {{Authorization: Bearer abc, X-Api-Key: k1}}}}",
             allowed.url("/to-other")
         ),
     )
@@ -294,6 +294,10 @@ async fn every_redirect_hop_is_checked_and_credentials_stay_with_their_origin() 
     assert!(
         !landed[0].headers.contains_key("authorization"),
         "credentials are not sent to another origin"
+    );
+    assert!(
+        !landed[0].headers.contains_key("x-api-key"),
+        "no header the step set is sent to another origin"
     );
 }
 

@@ -545,7 +545,11 @@ async fn json_logs_are_one_object_per_line_with_span_fields() {
         .iter()
         .find(|l| l["message"] == "execution admitted")
         .expect("the admission is logged");
-    assert_eq!(admitted["execution"], execution.id.as_str(), "{admitted}");
+    assert_eq!(
+        admitted["execution_id"],
+        execution.id.as_str(),
+        "{admitted}"
+    );
     assert_eq!(admitted["span"]["name"], "rpc", "{admitted}");
     assert_eq!(admitted["span"]["request_id"], "json-run-1", "{admitted}");
     assert_eq!(

@@ -31,8 +31,8 @@
 //! a name by resolving it here and keeping only the allowed addresses, and
 //! the request then connects only to those. Redirects (at most
 //! [`MAX_REDIRECTS`]) are followed here, each hop checked the same way; a
-//! hop to another origin drops `Authorization`, `Cookie` and
-//! `Proxy-Authorization`; 301, 302 and 303 turn a POST (and any 303) into a
+//! hop to another origin drops every header the step set (any may carry a
+//! secret) and is refused if it would repeat a body; 301, 302 and 303 turn a POST (and any 303) into a
 //! GET without a body, 307 and 308 repeat the request. A refused host
 //! fails the attempt with kind `egress_denied`, which is never retried.
 //!
@@ -45,10 +45,7 @@ use std::error::Error as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use reqwest::header::{
-    AUTHORIZATION, CONTENT_LENGTH, CONTENT_TYPE, COOKIE, HeaderMap, HeaderName, HeaderValue,
-    LOCATION, PROXY_AUTHORIZATION,
-};
+use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, LOCATION};
 use reqwest::{Method, Response, StatusCode, Url};
 use serde_json::Value;
 
@@ -343,8 +340,26 @@ impl Request {
             headers.remove(CONTENT_LENGTH);
         }
         if url.origin() != self.url.origin() {
-            for name in [AUTHORIZATION, COOKIE, PROXY_AUTHORIZATION] {
-                headers.remove(name);
+            // Any header the step set may carry a secret (`X-Api-Key:
+            // ${secrets.K}`), and so may a body: another origin gets
+            // neither.
+            if body.is_some() {
+                return Err(StepFailure::new(
+                    "http_transport",
+                    format!(
+                        "{} {} failed: {} redirects to another origin ({}); a request with a \
+                         body is not sent on to another origin",
+                        self.method,
+                        self.shown_url(),
+                        status,
+                        shown(&url)
+                    ),
+                ));
+            }
+            let content_type = headers.remove(CONTENT_TYPE);
+            headers.clear();
+            if let Some(value) = content_type {
+                headers.insert(CONTENT_TYPE, value);
             }
         }
         Ok(Some(Self {
