@@ -24,7 +24,7 @@ use crate::proto::v1::pipeline_service_server::PipelineServiceServer;
 use crate::storage::Store;
 use crate::storage::audit::AuditLog;
 use crate::telemetry;
-use crate::telemetry::metrics::RpcMetricsLayer;
+use crate::telemetry::metrics::{Metrics, RpcMetricsLayer};
 use crate::transport::auth::{AuthConfig, AuthLayer, Authenticator};
 use crate::transport::deadline::DeadlineLayer;
 use crate::transport::decode_errors;
@@ -175,7 +175,8 @@ pub async fn serve(
     let egress = EgressPolicy::parse(&config.egress_allow).map_err(anyhow::Error::msg)?;
     let url = config.database_url()?;
     let replica = config.replica_id()?;
-    let store = Store::connect(&url, &replica, config.lease)
+    let metrics = Arc::new(Metrics::new());
+    let store = Store::connect(&url, &replica, config.lease, Arc::clone(&metrics))
         .await
         .with_context(|| format!("cannot open database {url}"))?;
     let audit = AuditLog::start(store.clone());
@@ -205,7 +206,6 @@ pub async fn serve(
     let grpc_web = crate::transport::grpc_web::layer(&config.cors_allow_origins)?;
     // Telemetry: the RPC metrics layer and the metrics endpoint, which stops
     // with the engine.
-    let metrics = Arc::clone(engine.metrics());
     if let Some(addr) = config.metrics_listen {
         let listener = telemetry::metrics::bind(addr).await?;
         tracing::info!(addr = %listener.local_addr()?, "metrics serving");

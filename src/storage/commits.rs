@@ -316,9 +316,14 @@ mod tests {
 
     async fn store(dir: &tempfile::TempDir) -> Store {
         let url = format!("sqlite://{}?mode=rwc", dir.path().join("db").display());
-        Store::connect(&url, "replica-a", Duration::from_secs(60))
-            .await
-            .expect("open the store")
+        Store::connect(
+            &url,
+            "replica-a",
+            Duration::from_secs(60),
+            std::sync::Arc::new(crate::telemetry::metrics::Metrics::new()),
+        )
+        .await
+        .expect("open the store")
     }
 
     /// An admitted (pending, leased) execution of a one-step pipeline.

@@ -170,10 +170,15 @@ struct Caches {
 
 impl Store {
     /// Connects to `url` (`sqlite://path?mode=rwc` or `postgres://...`) and
-    /// runs the migrations. `replica` names this server in leases.
-    pub async fn connect(url: &str, replica: &str, lease: Duration) -> Result<Self> {
+    /// runs the migrations. `replica` names this server in leases; database
+    /// operations are timed into `metrics`.
+    pub async fn connect(
+        url: &str,
+        replica: &str,
+        lease: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self> {
         let replica: Arc<str> = Arc::from(replica);
-        let metrics = Arc::new(Metrics::new());
         let store = if url.starts_with("sqlite:") {
             let writer = Database::connect(sqlite_options(url, 1)).await?;
             Migrator::up(&writer, None).await?;
