@@ -32,6 +32,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::codegen::http::{HeaderMap, Request, Response};
 use tower::{Layer, Service};
 
+use crate::transport::status::code_name;
+
 /// The RPC methods served, as they appear in the `method` label; any other
 /// path is counted as `other`, so that callers cannot grow the label set.
 const METHODS: &[&str] = &[
@@ -56,27 +58,6 @@ const METHODS: &[&str] = &[
     "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
 ];
 const OTHER_METHOD: &str = "other";
-
-/// gRPC status codes by number, as the `code` label spells them.
-const CODES: [&str; 17] = [
-    "OK",
-    "CANCELLED",
-    "UNKNOWN",
-    "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED",
-    "NOT_FOUND",
-    "ALREADY_EXISTS",
-    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED",
-    "FAILED_PRECONDITION",
-    "ABORTED",
-    "OUT_OF_RANGE",
-    "UNIMPLEMENTED",
-    "INTERNAL",
-    "UNAVAILABLE",
-    "DATA_LOSS",
-    "UNAUTHENTICATED",
-];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RpcLabels {
@@ -508,11 +489,11 @@ fn method_label(path: &str) -> &'static str {
 }
 
 /// The `grpc-status` of `headers` (trailers, or the headers of a
-/// trailers-only answer) as a label.
-fn status_label(headers: &HeaderMap) -> Option<&'static str> {
+/// trailers-only answer); a number gRPC does not define is UNKNOWN.
+fn status_code(headers: &HeaderMap) -> Option<tonic::Code> {
     let value = headers.get("grpc-status")?;
-    let code: usize = value.to_str().ok()?.parse().ok()?;
-    Some(CODES.get(code).copied().unwrap_or("UNKNOWN"))
+    let code: i32 = value.to_str().ok()?.parse().ok()?;
+    Some(tonic::Code::from_i32(code))
 }
 
 fn is_watch(method: &'static str) -> bool {
@@ -554,14 +535,14 @@ where
                 started,
             });
             let mut watcher = None;
-            if let Some(code) = status_label(response.headers()) {
+            if let Some(code) = status_code(response.headers()) {
                 if let Some(record) = record.take() {
                     record.finish(code);
                 }
             } else if !response.status().is_success() {
                 // Not a gRPC answer at all (a plain HTTP error).
                 if let Some(record) = record.take() {
-                    record.finish("UNKNOWN");
+                    record.finish(tonic::Code::Unknown);
                 }
             } else if is_watch(method) {
                 let gauge = record.as_ref().map(|r| r.metrics.watchers(method));
@@ -587,13 +568,12 @@ struct Record {
 }
 
 impl Record {
-    fn finish(self, code: &'static str) {
-        self.metrics.rpc_finished(self.method, code, self.started);
+    fn finish(self, code: tonic::Code) {
+        self.metrics
+            .rpc_finished(self.method, code_name(code), self.started);
         // Called inside the call's `rpc` span (the request context layer
         // polls and drops the body in it): exported spans carry the status.
-        super::tracing::record_grpc_status(
-            CODES.iter().position(|c| *c == code).unwrap_or(2) as i64
-        );
+        super::tracing::record_grpc_status(code as i64);
     }
 }
 
@@ -607,7 +587,7 @@ pub struct Observed<B> {
 }
 
 impl<B> Observed<B> {
-    fn end(&mut self, code: &'static str) {
+    fn end(&mut self, code: tonic::Code) {
         if let Some(record) = self.record.take() {
             record.finish(code);
         }
@@ -619,7 +599,7 @@ impl<B> Observed<B> {
 
 impl<B> Drop for Observed<B> {
     fn drop(&mut self) {
-        self.end("CANCELLED");
+        self.end(tonic::Code::Cancelled);
     }
 }
 
@@ -639,12 +619,12 @@ where
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(trailers) = frame.trailers_ref() {
-                    this.end(status_label(trailers).unwrap_or("UNKNOWN"));
+                    this.end(status_code(trailers).unwrap_or(tonic::Code::Unknown));
                 }
             }
-            Poll::Ready(Some(Err(_))) => this.end("UNKNOWN"),
+            Poll::Ready(Some(Err(_))) => this.end(tonic::Code::Unknown),
             // Ended without trailers: not a gRPC answer.
-            Poll::Ready(None) => this.end("UNKNOWN"),
+            Poll::Ready(None) => this.end(tonic::Code::Unknown),
             Poll::Pending => {}
         }
         polled
@@ -671,11 +651,11 @@ mod tests {
         );
         assert_eq!(method_label("/made.Up/Method"), "other");
         let mut headers = HeaderMap::new();
-        assert_eq!(status_label(&headers), None);
+        assert_eq!(status_code(&headers), None);
         headers.insert("grpc-status", "5".parse().unwrap());
-        assert_eq!(status_label(&headers), Some("NOT_FOUND"));
+        assert_eq!(status_code(&headers), Some(tonic::Code::NotFound));
         headers.insert("grpc-status", "99".parse().unwrap());
-        assert_eq!(status_label(&headers), Some("UNKNOWN"));
+        assert_eq!(status_code(&headers), Some(tonic::Code::Unknown));
     }
 
     #[test]

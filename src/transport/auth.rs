@@ -500,7 +500,7 @@ where
                 method: access::clip(method),
                 target: String::new(),
                 request_id: request_id(request.headers()),
-                code: code_name(status.code()).to_string(),
+                code: super::status::code_name(status.code()).to_string(),
                 message: status.message().to_string(),
             });
             return Box::pin(async move { Ok(status.into_http()) });
@@ -517,30 +517,6 @@ pub fn request_id(headers: &HeaderMap) -> String {
         .and_then(|id| id.to_str().ok())
         .unwrap_or_default()
         .to_string()
-}
-
-/// A gRPC code's canonical name, as the audit trail keeps it.
-pub fn code_name(code: tonic::Code) -> &'static str {
-    use tonic::Code;
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
 }
 
 #[cfg(test)]

@@ -6,7 +6,6 @@ use std::pin::Pin;
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 
-use super::auth;
 use super::convert::{self, Violations};
 use crate::domain::Error;
 use crate::domain::access::{self, AuditEvent, AuditFilter, Caller};
@@ -108,7 +107,7 @@ impl Audited {
             method: self.method.to_string(),
             target: std::mem::take(&mut self.target),
             request_id: std::mem::take(&mut self.request_id),
-            code: auth::code_name(code).to_string(),
+            code: super::status::code_name(code).to_string(),
             message,
         });
     }
