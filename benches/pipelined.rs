@@ -484,6 +484,26 @@ fn rss(pid: u32) -> anyhow::Result<(u64, u64)> {
     Ok((field("VmRSS:")?, field("VmHWM:")?))
 }
 
+/// CPU time (user + system) used so far by process `pid`, or by this
+/// process with `"self"`; /proc counts it in USER_HZ ticks (100 per second).
+fn cpu_time(pid: &str) -> anyhow::Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The fields after the command name, which is in parentheses: utime
+    // and stime are the 12th and 13th.
+    let rest = stat
+        .rsplit_once(')')
+        .with_context(|| format!("unexpected /proc/{pid}/stat"))?
+        .1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> anyhow::Result<u64> {
+        Ok(fields
+            .get(i)
+            .with_context(|| format!("short /proc/{pid}/stat"))?
+            .parse()?)
+    };
+    Ok(Duration::from_millis((ticks(11)? + ticks(12)?) * 10))
+}
+
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
@@ -1000,12 +1020,15 @@ async fn watch_fanout(args: &Args, target: Target) -> anyhow::Result<Row> {
     let connections = channels(target.api, args.watchers.div_ceil(PER_CONNECTION)).await?;
     let execution = start(&mut client, "watch-fanout").await?;
     let sleep_began = Instant::now();
+    let connected_count = Arc::new(AtomicUsize::new(0));
     let tasks: Vec<_> = (0..args.watchers)
         .map(|i| {
             let mut client = Client::new(connections[i / PER_CONNECTION].clone());
             let id = execution.id.clone();
+            let connected_count = Arc::clone(&connected_count);
             tokio::spawn(async move {
                 let mut stream = watch(&mut client, &id).await?;
+                connected_count.fetch_add(1, Ordering::Relaxed);
                 let connected = SystemTime::now();
                 let connected_after = sleep_began.elapsed();
                 let mut delays = Vec::with_capacity(90);
@@ -1040,6 +1063,15 @@ async fn watch_fanout(args: &Args, target: Target) -> anyhow::Result<Row> {
     let mut early = 0;
     let mut in_time = 0;
     let mut last_connected = Duration::ZERO;
+    // CPU time is counted from when every watcher is connected (or the
+    // sleep is over) to the end: the delivery work, on both sides.
+    while connected_count.load(Ordering::Relaxed) < args.watchers
+        && sleep_began.elapsed() < args.fanout_sleep
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let server_cpu_before = cpu_time(&target.pid.to_string())?;
+    let client_cpu_before = cpu_time("self")?;
     for task in tasks {
         let (d, e, saw, connected_after) = tokio::time::timeout(PATIENCE, task)
             .await
@@ -1049,6 +1081,8 @@ async fn watch_fanout(args: &Args, target: Target) -> anyhow::Result<Row> {
         in_time += usize::from(saw);
         last_connected = last_connected.max(connected_after);
     }
+    let server_cpu = cpu_time(&target.pid.to_string())?.saturating_sub(server_cpu_before);
+    let client_cpu = cpu_time("self")?.saturating_sub(client_cpu_before);
     let summary = summarize(delays);
     let mut row = Row::new("watch-fanout").latencies(summary);
     row.target = "p99 < 10 ms".into();
@@ -1058,6 +1092,16 @@ async fn watch_fanout(args: &Args, target: Target) -> anyhow::Result<Row> {
         row.note(format!(
             "delay = arrival - event time over (watcher, event) pairs, max {}",
             ms(s.max)
+        ));
+    }
+    if let Some(s) = summary {
+        let per_delivery = |cpu: Duration| cpu.as_secs_f64() * 1e6 / s.count.max(1) as f64;
+        row.note(format!(
+            "CPU while delivering: server {} ({:.1} µs per delivery), clients {} ({:.1} µs)",
+            ms(server_cpu),
+            per_delivery(server_cpu),
+            ms(client_cpu),
+            per_delivery(client_cpu)
         ));
     }
     row.note(format!(

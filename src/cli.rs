@@ -208,7 +208,7 @@ pub struct ServeArgs {
     #[arg(long, env = "PIPELINED_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
     pub shutdown_grace: std::time::Duration,
     /// How long a watch stream may stay silent before a heartbeat is sent.
-    #[arg(long, env = "PIPELINED_HEARTBEAT", default_value = "15s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "PIPELINED_HEARTBEAT", default_value = "15s", value_parser = positive_duration)]
     pub heartbeat: std::time::Duration,
     /// This server's name in execution leases (default: one kept in the
     /// data directory).
@@ -333,6 +333,15 @@ pub struct ClientArgs {
 enum Output {
     Text,
     Json,
+}
+
+/// A duration greater than zero, such as `15s` or `500ms`.
+fn positive_duration(text: &str) -> Result<std::time::Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(duration) if duration.is_zero() => Err("must be greater than zero".to_string()),
+        Ok(duration) => Ok(duration),
+        Err(error) => Err(error.to_string()),
+    }
 }
 
 fn parse_label(text: &str) -> Result<(String, String), String> {

@@ -229,6 +229,19 @@ mod tests {
     }
 
     #[test]
+    fn a_zero_heartbeat_is_refused_from_the_file_and_the_command_line() {
+        let error = format!("{:#}", serve_args("heartbeat = \"0s\"\n", &[]).unwrap_err());
+        assert!(error.contains("bad value of 'heartbeat'"), "{error}");
+        assert!(error.contains("must be greater than zero"), "{error}");
+        let error = serve_args("", &["--heartbeat", "0ms"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("must be greater than zero"), "{error}");
+        let args = serve_args("", &["--heartbeat", "250ms"]).unwrap();
+        assert_eq!(args.heartbeat, Duration::from_millis(250));
+    }
+
+    #[test]
     fn a_comma_separated_string_is_a_list_too() {
         let args = serve_args(r#"allow-command = "sh,python3""#, &[]).unwrap();
         assert_eq!(args.allow_commands, ["sh", "python3"]);

@@ -134,6 +134,7 @@ pub struct Event {
     /// 1, 2, 3, ... with no gaps within one execution.
     pub sequence: i64,
     pub kind: EventKind,
+    /// When it was recorded, just before the commit that stores it.
     pub time: DateTime<Utc>,
     pub execution_status: ExecutionStatus,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -6,6 +6,11 @@
 //! watcher. A watcher that falls behind the channel's buffer is told it
 //! lagged and reads the missed events back from the database, so a slow
 //! watcher never slows the executor or other watchers.
+//!
+//! A channel is closed only to make its watchers look again: when events
+//! may have been missed, or when the engine shuts down. Watchers then learn
+//! it from the one receiver they poll anyway, rather than each also waiting
+//! on shared signals, whose locks every event would cost.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -20,7 +25,7 @@ const CHANNEL_CAPACITY: usize = 256;
 const ALL_CAPACITY: usize = 8192;
 
 pub struct EventHub {
-    channels: Mutex<HashMap<String, broadcast::Sender<Arc<Event>>>>,
+    channels: Mutex<Channels>,
     /// Every event, for watchers of all executions.
     all: broadcast::Sender<Arc<Event>>,
     /// Bumped when events of other replicas may have been missed (the
@@ -38,6 +43,13 @@ impl Default for EventHub {
     }
 }
 
+#[derive(Default)]
+struct Channels {
+    by_execution: HashMap<String, broadcast::Sender<Arc<Event>>>,
+    /// Set at shutdown: later subscriptions start closed.
+    closed: bool,
+}
+
 /// A live subscription to one execution's events; unsubscribes on drop.
 pub struct Subscription {
     hub: Arc<EventHub>,
@@ -51,7 +63,7 @@ impl EventHub {
         let Some(first) = events.first() else { return };
         let everyone = self.all.receiver_count() > 0;
         let channels = self.channels.lock().expect("event hub lock");
-        let sender = channels.get(&first.execution_id);
+        let sender = channels.by_execution.get(&first.execution_id);
         if sender.is_none() && !everyone {
             return;
         }
@@ -67,9 +79,23 @@ impl EventHub {
         }
     }
 
-    /// Tells every watcher that events may have been missed.
+    /// Tells every watcher that events may have been missed: the
+    /// per-execution channels are closed (their watchers subscribe again and
+    /// re-read), and watchers of all executions are told.
     pub fn report_missed(&self) {
+        self.channels
+            .lock()
+            .expect("event hub lock")
+            .by_execution
+            .clear();
         self.missed.send_modify(|n| *n += 1);
+    }
+
+    /// Closes every channel for good, at shutdown.
+    pub fn close(&self) {
+        let mut channels = self.channels.lock().expect("event hub lock");
+        channels.closed = true;
+        channels.by_execution.clear();
     }
 
     /// Changes when events may have been missed ([`Self::report_missed`]).
@@ -84,6 +110,7 @@ impl EventHub {
                 .channels
                 .lock()
                 .expect("event hub lock")
+                .by_execution
                 .contains_key(execution_id)
     }
 
@@ -95,10 +122,15 @@ impl EventHub {
     /// Starts receiving events of `execution_id` published from now on.
     pub fn subscribe(self: &Arc<Self>, execution_id: &str) -> Subscription {
         let mut channels = self.channels.lock().expect("event hub lock");
-        let receiver = channels
-            .entry(execution_id.to_string())
-            .or_insert_with(|| broadcast::channel(CHANNEL_CAPACITY).0)
-            .subscribe();
+        let receiver = if channels.closed {
+            broadcast::channel(1).1
+        } else {
+            channels
+                .by_execution
+                .entry(execution_id.to_string())
+                .or_insert_with(|| broadcast::channel(CHANNEL_CAPACITY).0)
+                .subscribe()
+        };
         Subscription {
             hub: Arc::clone(self),
             execution_id: execution_id.to_string(),
@@ -108,7 +140,11 @@ impl EventHub {
 
     /// Number of executions being watched right now.
     pub fn watched_executions(&self) -> usize {
-        self.channels.lock().expect("event hub lock").len()
+        self.channels
+            .lock()
+            .expect("event hub lock")
+            .by_execution
+            .len()
     }
 }
 
@@ -138,10 +174,11 @@ impl Drop for Subscription {
         drop(self.receiver.take());
         let mut channels = self.hub.channels.lock().expect("event hub lock");
         if channels
+            .by_execution
             .get(&self.execution_id)
             .is_some_and(|sender| sender.receiver_count() == 0)
         {
-            channels.remove(&self.execution_id);
+            channels.by_execution.remove(&self.execution_id);
         }
     }
 }

@@ -124,7 +124,8 @@ impl Engine {
     /// "Unfinished" means active and held by no live replica: this server's
     /// own executions from before a restart, and those whose lease ran out.
     /// Afterwards a background task keeps renewing this server's leases and
-    /// takes over executions whose replica stopped renewing them.
+    /// takes over executions whose replica stopped renewing them, and
+    /// another ends the watch streams when the engine shuts down.
     pub async fn recover(&self) -> Result<usize, Error> {
         if let Some(processes) = &self.shared.processes {
             processes.kill_leftovers();
@@ -135,6 +136,13 @@ impl Engine {
         self.shared.store.release_leases(!shared_store).await?;
         let resumed = self.shared.take_over().await?;
         self.shared.promote_all_queued().await?;
+        // Watchers of one execution learn of the shutdown from their closed
+        // hub channel.
+        let shared = Arc::clone(&self.shared);
+        self.shared.tasks.spawn(async move {
+            shared.shutdown.cancelled().await;
+            shared.hub.close();
+        });
         let shared = Arc::clone(&self.shared);
         self.shared
             .tasks

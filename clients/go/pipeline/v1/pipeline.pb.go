@@ -1909,7 +1909,8 @@ type ExecutionEvent struct {
 	Sequence int64 `protobuf:"varint,2,opt,name=sequence,proto3" json:"sequence,omitempty"`
 	// What happened.
 	Type EventType `protobuf:"varint,3,opt,name=type,proto3,enum=pipeline.v1.EventType" json:"type,omitempty"`
-	// When it was committed.
+	// When the server recorded it, just before the commit that stores it.
+	// Watchers receive it only after that commit.
 	Time *timestamppb.Timestamp `protobuf:"bytes,4,opt,name=time,proto3" json:"time,omitempty"`
 	// The execution's status after this event.
 	ExecutionStatus ExecutionStatus `protobuf:"varint,5,opt,name=execution_status,json=executionStatus,proto3,enum=pipeline.v1.ExecutionStatus" json:"execution_status,omitempty"`

@@ -852,7 +852,8 @@ export type ExecutionEvent = Message<"pipeline.v1.ExecutionEvent"> & {
   type: EventType;
 
   /**
-   * When it was committed.
+   * When the server recorded it, just before the commit that stores it.
+   * Watchers receive it only after that commit.
    *
    * @generated from field: google.protobuf.Timestamp time = 4;
    */
