@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use futures::future::BoxFuture;
 use http_body::{Body, Frame, SizeHint};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -500,8 +501,6 @@ fn is_watch(method: &'static str) -> bool {
     method.ends_with("/WatchExecution") || method.ends_with("/WatchExecutions")
 }
 
-type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
-
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RpcMetrics<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
@@ -509,7 +508,7 @@ where
 {
     type Response = Response<Observed<ResBody>>;
     type Error = S::Error;
-    type Future = BoxFuture<Self::Response, Self::Error>;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)

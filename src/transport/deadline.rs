@@ -17,6 +17,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use http_body::{Body, Frame, SizeHint};
 use tokio::time::{Instant, Sleep};
 use tonic::codegen::http::{HeaderMap, HeaderValue, Request, Response};
@@ -45,8 +46,6 @@ pub struct Deadline<S> {
     inner: S,
 }
 
-type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
-
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Deadline<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
@@ -54,7 +53,7 @@ where
 {
     type Response = Response<DeadlineBody<ResBody>>;
     type Error = S::Error;
-    type Future = BoxFuture<Self::Response, Self::Error>;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)

@@ -10,10 +10,10 @@
 //! `traceparent` when one was given. When traces are exported (see
 //! [`crate::telemetry::tracing`]), the `rpc` span is a child of the caller's.
 
-use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use futures::future::BoxFuture;
 use http_body::{Body, Frame, SizeHint};
 use tonic::codegen::http::{HeaderMap, HeaderValue, Request, Response};
 use tower::{Layer, Service};
@@ -44,8 +44,6 @@ pub struct RequestContext<S> {
     inner: S,
 }
 
-type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
-
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for RequestContext<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
@@ -53,7 +51,7 @@ where
 {
     type Response = Response<InSpan<ResBody>>;
     type Error = S::Error;
-    type Future = BoxFuture<Self::Response, Self::Error>;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
