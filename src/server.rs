@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use futures::TryStreamExt;
 use tokio::net::TcpListener;
 use tokio_util::task::AbortOnDropHandle;
 use tonic::codec::CompressionEncoding;
@@ -31,6 +32,7 @@ use crate::transport::decode_errors;
 use crate::transport::request_context::RequestContextLayer;
 use crate::transport::service::PipelineApi;
 use crate::transport::tls::{self, TlsConfig};
+use crate::transport::write_batching::BatchedWrites;
 
 /// What `pipelined serve` is configured with.
 #[derive(Debug, Clone)]
@@ -276,15 +278,11 @@ pub async fn serve(
                 .send_compressed(CompressionEncoding::Gzip),
         );
     let serving: Pin<Box<dyn Future<Output = _> + Send>> = match tls {
-        Some((acceptor, _)) => Box::pin(
-            router.serve_with_incoming_shutdown(tls::incoming(listener, acceptor), on_shutdown),
-        ),
-        None => Box::pin(router.serve_with_incoming_shutdown(
-            // Without TCP_NODELAY a call's trailers, written after its
-            // data, wait for the client's delayed ACK: 40 ms per call.
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
+        Some((acceptor, _)) => Box::pin(router.serve_with_incoming_shutdown(
+            tls::incoming(listener, acceptor).map_ok(BatchedWrites::new),
             on_shutdown,
         )),
+        None => Box::pin(router.serve_with_incoming_shutdown(incoming(listener), on_shutdown)),
     };
     let grace_over = async {
         match shutdown_began.await {
@@ -303,6 +301,18 @@ pub async fn serve(
     audit.flush().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The plaintext connections accepted on `listener`: TCP_NODELAY (without
+/// it a call's trailers, written after its data, wait for the client's
+/// delayed ACK: 40 ms per call) and batched writes (see
+/// [`crate::transport::write_batching`]).
+pub fn incoming(
+    listener: TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<BatchedWrites<tokio::net::TcpStream>>> {
+    TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .map_ok(BatchedWrites::new)
 }
 
 /// Reflection over every message this server speaks, advertising only the

@@ -10,3 +10,4 @@ pub mod request_context;
 pub mod service;
 pub mod status;
 pub mod tls;
+pub mod write_batching;
