@@ -8,8 +8,9 @@
 //! The server runs in a child process (this binary re-executed with the
 //! hidden `--serve` flag) so that its memory can be read alone from
 //! `/proc/<pid>/status`; every scenario gets a fresh child and a fresh
-//! database. The child also serves a bare tonic unary echo on a second port,
-//! the floor that `GetExecution` is compared with.
+//! database. The child also serves a bare tonic service on a second port:
+//! a unary echo, the floor that `GetExecution` is compared with, and a
+//! server stream fed from a broadcast channel, the floor of watch-fanout.
 
 use std::fmt::Write as _;
 use std::future::Future;
@@ -71,6 +72,9 @@ struct Args {
     /// The sleep before the chain in watch-fanout: time for every watcher to connect.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
     fanout_sleep: Duration,
+    /// Time between the waves of the watch-floor scenario (0: back to back).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10ms")]
+    floor_gap: Duration,
     /// Open watch streams of the idle-watchers scenario.
     #[arg(long, default_value_t = 10_000)]
     idle_watchers: usize,
@@ -108,6 +112,8 @@ enum Scenario {
     Throughput5,
     #[value(name = "watch-fanout")]
     WatchFanout,
+    #[value(name = "watch-floor")]
+    WatchFloor,
     #[value(name = "idle-watchers")]
     IdleWatchers,
     #[value(name = "unary-floor")]
@@ -122,6 +128,7 @@ impl Scenario {
             Scenario::Throughput1 => "throughput-1",
             Scenario::Throughput5 => "throughput-5",
             Scenario::WatchFanout => "watch-fanout",
+            Scenario::WatchFloor => "watch-floor",
             Scenario::IdleWatchers => "idle-watchers",
             Scenario::UnaryFloor => "unary-floor",
         }
@@ -161,8 +168,8 @@ async fn child_main(args: Args) -> anyhow::Result<()> {
 
     tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
-            .add_service(EchoServer)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(echo))
+            .add_service(EchoServer::default())
+            .serve_with_incoming(pipelined::server::incoming(echo))
             .await;
         if let Err(error) = served {
             eprintln!("echo server failed: {error}");
@@ -189,10 +196,117 @@ struct EchoMessage {
 
 const ECHO_PATH: &str = "/bench.Echo/Echo";
 
-/// A hand-written unary service, `/bench.Echo/Echo`, with tonic's own codec
-/// path and nothing else: no layers, no storage.
-#[derive(Clone)]
-struct EchoServer;
+/// A hand-written service with tonic's own codec path and nothing else: no
+/// layers, no storage. Its connections are accepted like pipelined's
+/// (`server::incoming`: TCP_NODELAY, batched writes), so that the floors
+/// differ from pipelined only in what pipelined does per call.
+/// `/bench.Echo/Echo` is the unary floor; `/bench.Echo/Broadcast` the
+/// streaming floor (see [`BroadcastRequest`]).
+#[derive(Clone, Default)]
+struct EchoServer {
+    /// The broadcast being gathered: watchers subscribe until `watchers` have.
+    floor: Arc<std::sync::Mutex<Option<FloorSender>>>,
+}
+
+type FloorSender = tokio::sync::broadcast::Sender<pb::WatchExecutionResponse>;
+
+const BROADCAST_PATH: &str = "/bench.Echo/Broadcast";
+
+/// Request of `/bench.Echo/Broadcast`: once `watchers` streams are open, the
+/// server sends `waves` waves of `per_wave` watch messages (shaped like
+/// watch-fanout's step events, stamped with the time they are sent) to
+/// every stream through a tokio broadcast channel, `gap_micros` apart, then
+/// ends the streams. The delivery floor of tonic on this machine: no
+/// storage, no layers, no executor.
+#[derive(Clone, PartialEq, prost::Message)]
+struct BroadcastRequest {
+    #[prost(uint32, tag = "1")]
+    watchers: u32,
+    #[prost(uint32, tag = "2")]
+    waves: u32,
+    #[prost(uint32, tag = "3")]
+    per_wave: u32,
+    #[prost(uint64, tag = "4")]
+    gap_micros: u64,
+}
+
+struct BroadcastMethod(Arc<std::sync::Mutex<Option<FloorSender>>>);
+
+type FloorStream =
+    Pin<Box<dyn futures::Stream<Item = Result<pb::WatchExecutionResponse, tonic::Status>> + Send>>;
+
+impl tonic::server::ServerStreamingService<BroadcastRequest> for BroadcastMethod {
+    type Response = pb::WatchExecutionResponse;
+    type ResponseStream = FloorStream;
+    type Future = std::future::Ready<Result<tonic::Response<FloorStream>, tonic::Status>>;
+
+    fn call(&mut self, request: tonic::Request<BroadcastRequest>) -> Self::Future {
+        let request = request.into_inner();
+        let (receiver, complete) = {
+            let mut floor = self.0.lock().expect("floor lock");
+            let sender = floor
+                .get_or_insert_with(|| tokio::sync::broadcast::channel(4096).0)
+                .clone();
+            let receiver = sender.subscribe();
+            let complete = sender.receiver_count() >= request.watchers as usize;
+            if complete {
+                *floor = None;
+            }
+            (receiver, complete.then_some(sender))
+        };
+        if let Some(sender) = complete {
+            tokio::spawn(broadcast_waves(sender, request));
+        }
+        let stream = futures::stream::unfold(receiver, |mut receiver| async move {
+            let message = receiver.recv().await.ok()?;
+            Some((Ok(message), receiver))
+        });
+        std::future::ready(Ok(tonic::Response::new(Box::pin(stream) as FloorStream)))
+    }
+}
+
+async fn broadcast_waves(sender: FloorSender, request: BroadcastRequest) {
+    // Time for the last stream's response headers to reach its client.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut sequence = 0i64;
+    for wave in 0..request.waves {
+        if wave > 0 && request.gap_micros > 0 {
+            tokio::time::sleep(Duration::from_micros(request.gap_micros)).await;
+        }
+        for _ in 0..request.per_wave {
+            sequence += 1;
+            let _ = sender.send(floor_message(sequence));
+        }
+    }
+}
+
+/// A watch message the size of watch-fanout's step events.
+fn floor_message(sequence: i64) -> pb::WatchExecutionResponse {
+    let step = sequence / 2;
+    pb::WatchExecutionResponse {
+        event: Some(pb::ExecutionEvent {
+            execution_id: "019af0c2-3b1e-7c4a-9d2f-5e8a1b6c7d90".into(),
+            sequence,
+            r#type: pb::EventType::StepSucceeded as i32,
+            time: Some(SystemTime::now().into()),
+            execution_status: pb::ExecutionStatus::Running as i32,
+            step_name: format!("s{step}"),
+            attempt: 1,
+            duration: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 41_000,
+            }),
+            progress: Some(pb::Progress {
+                steps_done: step as i32,
+                steps_total: 41,
+                percent: step as f64 * 100.0 / 41.0,
+            }),
+            pipeline_name: "watch-fanout".into(),
+            ..Default::default()
+        }),
+        heartbeat: None,
+    }
+}
 
 struct EchoMethod;
 
@@ -217,10 +331,14 @@ impl tower::Service<http::Request<tonic::body::Body>> for EchoServer {
     }
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let floor = Arc::clone(&self.floor);
         Box::pin(async move {
             if request.uri().path() == ECHO_PATH {
                 let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default());
                 Ok(grpc.unary(EchoMethod, request).await)
+            } else if request.uri().path() == BROADCAST_PATH {
+                let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default());
+                Ok(grpc.server_streaming(BroadcastMethod(floor), request).await)
             } else {
                 Ok(tonic::Status::unimplemented("no such method").into_http())
             }
@@ -893,6 +1011,7 @@ async fn run_scenario(scenario: Scenario, args: &Args, target: Target) -> anyhow
             .await
             .map(|r| vec![r]),
         Scenario::WatchFanout => watch_fanout(args, target).await.map(|r| vec![r]),
+        Scenario::WatchFloor => watch_floor(args, target).await.map(|r| vec![r]),
         Scenario::IdleWatchers => idle_watchers(args, target).await.map(|r| vec![r]),
         Scenario::UnaryFloor => unary_floor(args, target, timed).await,
     }
@@ -1114,6 +1233,94 @@ async fn watch_fanout(args: &Args, target: Target) -> anyhow::Result<Row> {
     if early > 0 {
         row.note(format!(
             "{early} arrivals before their event time (clock), counted as 0"
+        ));
+    }
+    Ok(row)
+}
+
+/// The streaming floor: watch-fanout's 1000 watchers and 41 waves of two
+/// messages, sent by the bare tonic service of the same process (see
+/// [`BroadcastRequest`]), `--floor-gap` apart.
+async fn watch_floor(args: &Args, target: Target) -> anyhow::Result<Row> {
+    const PER_CONNECTION: usize = 16;
+    const WAVES: u32 = 41;
+    const PER_WAVE: u32 = 2;
+    let connections = channels(target.echo, args.watchers.div_ceil(PER_CONNECTION)).await?;
+    let request = BroadcastRequest {
+        watchers: args.watchers as u32,
+        waves: WAVES,
+        per_wave: PER_WAVE,
+        gap_micros: args.floor_gap.as_micros() as u64,
+    };
+    let connected_count = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..args.watchers)
+        .map(|i| {
+            let channel = connections[i / PER_CONNECTION].clone();
+            let request = request.clone();
+            let connected_count = Arc::clone(&connected_count);
+            tokio::spawn(async move {
+                let mut grpc = tonic::client::Grpc::new(channel);
+                grpc.ready().await?;
+                let codec: tonic_prost::ProstCodec<BroadcastRequest, pb::WatchExecutionResponse> =
+                    tonic_prost::ProstCodec::default();
+                let mut stream = grpc
+                    .server_streaming(
+                        tonic::Request::new(request),
+                        http::uri::PathAndQuery::from_static(BROADCAST_PATH),
+                        codec,
+                    )
+                    .await?
+                    .into_inner();
+                connected_count.fetch_add(1, Ordering::Relaxed);
+                let mut delays = Vec::with_capacity((WAVES * PER_WAVE) as usize);
+                while let Some(message) = stream.message().await? {
+                    let arrived = SystemTime::now();
+                    let event = message.event.context("floor message without event")?;
+                    let time = SystemTime::try_from(event.time.context("event time")?)
+                        .map_err(|e| anyhow!("bad event time: {e:?}"))?;
+                    delays.push(arrived.duration_since(time).unwrap_or(Duration::ZERO));
+                }
+                anyhow::Ok(delays)
+            })
+        })
+        .collect();
+    while connected_count.load(Ordering::Relaxed) < args.watchers {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let server_cpu_before = cpu_time(&target.pid.to_string())?;
+    let client_cpu_before = cpu_time("self")?;
+    let mut delays = Vec::new();
+    for task in tasks {
+        let mut d = tokio::time::timeout(PATIENCE, task)
+            .await
+            .context("a floor watcher did not finish")???;
+        if d.len() != (WAVES * PER_WAVE) as usize {
+            bail!(
+                "a floor watcher got {} of {} messages",
+                d.len(),
+                WAVES * PER_WAVE
+            );
+        }
+        delays.append(&mut d);
+    }
+    let server_cpu = cpu_time(&target.pid.to_string())?.saturating_sub(server_cpu_before);
+    let client_cpu = cpu_time("self")?.saturating_sub(client_cpu_before);
+    let summary = summarize(delays);
+    let mut row = Row::new("watch-floor").latencies(summary);
+    row.target = "(floor of watch-fanout)".into();
+    if let Some(s) = summary {
+        let per_delivery = |cpu: Duration| cpu.as_secs_f64() * 1e6 / s.count.max(1) as f64;
+        row.throughput = format!("{} deliveries", s.count);
+        row.note(format!(
+            "bare tonic server stream in the same process, no layers: {WAVES} waves of {PER_WAVE} messages {:?} apart to {} watchers ({} connections) from a broadcast channel; delay = arrival - send time, max {}; CPU: server {} ({:.1} µs per delivery), clients {} ({:.1} µs)",
+            args.floor_gap,
+            args.watchers,
+            connections.len(),
+            ms(s.max),
+            ms(server_cpu),
+            per_delivery(server_cpu),
+            ms(client_cpu),
+            per_delivery(client_cpu)
         ));
     }
     Ok(row)
