@@ -33,6 +33,11 @@ use tonic::transport::{Channel, Endpoint};
 
 type Client = PipelineServiceClient<Channel>;
 
+/// The allocator `pipelined` itself uses (src/main.rs), so that the server
+/// child measures what `pipelined serve` runs.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Longest any single execution of the latency scenarios may take.
 const PATIENCE: Duration = Duration::from_secs(120);
 
