@@ -19,6 +19,9 @@ use tonic::transport::server::Connected;
 
 /// Bytes held before a write goes out without waiting any longer.
 const HOLD_LIMIT: usize = 64 * 1024;
+/// Capacity a connection keeps once its bytes are out: a burst's buffer is
+/// not kept by every connection that once had one.
+const KEPT_CAPACITY: usize = 16 * 1024;
 
 /// An accepted connection whose writes are batched (see the module docs).
 pub struct BatchedWrites<T> {
@@ -48,6 +51,7 @@ impl<T: AsyncWrite + Unpin> BatchedWrites<T> {
             }
             self.held.drain(..written);
         }
+        self.held.shrink_to(KEPT_CAPACITY);
         self.yielded = false;
         Poll::Ready(Ok(()))
     }
@@ -179,6 +183,21 @@ mod tests {
             b"TRAILERS",
             "shutdown writes what is held"
         );
+    }
+
+    #[tokio::test]
+    async fn a_burst_is_written_in_pieces_and_its_buffer_not_kept() {
+        let socket = Recorder::default();
+        let mut batched = BatchedWrites::new(socket.clone());
+        batched.write_all(&vec![7u8; 3 * HOLD_LIMIT]).await.unwrap();
+        batched.flush().await.unwrap();
+        let writes = socket.0.lock().unwrap().clone();
+        assert!(
+            writes.iter().all(|w| w.len() <= HOLD_LIMIT),
+            "at most HOLD_LIMIT held"
+        );
+        assert_eq!(writes.iter().map(Vec::len).sum::<usize>(), 3 * HOLD_LIMIT);
+        assert!(batched.held.capacity() <= KEPT_CAPACITY);
     }
 
     #[tokio::test]
