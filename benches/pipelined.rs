@@ -627,6 +627,45 @@ fn cpu_time(pid: &str) -> anyhow::Result<Duration> {
     Ok(Duration::from_millis((ticks(11)? + ticks(12)?) * 10))
 }
 
+/// CPU time of the server child and of this process (the clients) from
+/// its start, for the watch scenarios' notes.
+struct CpuMeter {
+    server_pid: String,
+    server_before: Duration,
+    clients_before: Duration,
+}
+
+impl CpuMeter {
+    fn start(server_pid: u32) -> anyhow::Result<Self> {
+        let server_pid = server_pid.to_string();
+        Ok(Self {
+            server_before: cpu_time(&server_pid)?,
+            clients_before: cpu_time("self")?,
+            server_pid,
+        })
+    }
+
+    /// "server X (Y µs per delivery), clients Z (W µs)" since the start.
+    fn note(&self, deliveries: usize) -> anyhow::Result<String> {
+        let server = cpu_time(&self.server_pid)?.saturating_sub(self.server_before);
+        let clients = cpu_time("self")?.saturating_sub(self.clients_before);
+        let per_delivery = |cpu: Duration| cpu.as_secs_f64() * 1e6 / deliveries.max(1) as f64;
+        Ok(format!(
+            "server {} ({:.1} µs per delivery), clients {} ({:.1} µs)",
+            ms(server),
+            per_delivery(server),
+            ms(clients),
+            per_delivery(clients)
+        ))
+    }
+}
+
+/// When the server stamped a watched event (or the floor its message).
+fn event_time(event: &pb::ExecutionEvent) -> anyhow::Result<SystemTime> {
+    SystemTime::try_from(event.time.context("event time")?)
+        .map_err(|e| anyhow!("bad event time: {e:?}"))
+}
+
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
 }
@@ -1135,19 +1174,21 @@ async fn throughput(
     Ok(row)
 }
 
+/// Watch streams per HTTP/2 connection in watch-fanout and watch-floor.
+const WATCHERS_PER_CONNECTION: usize = 16;
+
 async fn watch_fanout(args: &Args, target: Target) -> anyhow::Result<Row> {
-    const PER_CONNECTION: usize = 16;
     let mut client = connect_client(target.api).await?;
     let mut steps = vec![sleep("wait", args.fanout_sleep)];
     steps.extend(chain(40, Some("wait")));
     create_pipeline(&mut client, "watch-fanout", steps, 0).await?;
-    let connections = channels(target.api, args.watchers.div_ceil(PER_CONNECTION)).await?;
+    let connections = channels(target.api, args.watchers.div_ceil(WATCHERS_PER_CONNECTION)).await?;
     let execution = start(&mut client, "watch-fanout").await?;
     let sleep_began = Instant::now();
     let connected_count = Arc::new(AtomicUsize::new(0));
     let tasks: Vec<_> = (0..args.watchers)
         .map(|i| {
-            let mut client = Client::new(connections[i / PER_CONNECTION].clone());
+            let mut client = Client::new(connections[i / WATCHERS_PER_CONNECTION].clone());
             let id = execution.id.clone();
             let connected_count = Arc::clone(&connected_count);
             tokio::spawn(async move {
@@ -1161,8 +1202,7 @@ async fn watch_fanout(args: &Args, target: Target) -> anyhow::Result<Row> {
                 while let Some(message) = stream.message().await? {
                     let arrived = SystemTime::now();
                     let Some(event) = message.event else { continue };
-                    let time = SystemTime::try_from(event.time.context("event time")?)
-                        .map_err(|e| anyhow!("bad event time: {e:?}"))?;
+                    let time = event_time(&event)?;
                     if time < connected {
                         continue;
                     }
@@ -1194,8 +1234,7 @@ async fn watch_fanout(args: &Args, target: Target) -> anyhow::Result<Row> {
     {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let server_cpu_before = cpu_time(&target.pid.to_string())?;
-    let client_cpu_before = cpu_time("self")?;
+    let cpu = CpuMeter::start(target.pid)?;
     for task in tasks {
         let (d, e, saw, connected_after) = tokio::time::timeout(PATIENCE, task)
             .await
@@ -1205,8 +1244,8 @@ async fn watch_fanout(args: &Args, target: Target) -> anyhow::Result<Row> {
         in_time += usize::from(saw);
         last_connected = last_connected.max(connected_after);
     }
-    let server_cpu = cpu_time(&target.pid.to_string())?.saturating_sub(server_cpu_before);
-    let client_cpu = cpu_time("self")?.saturating_sub(client_cpu_before);
+    let deliveries = delays.len();
+    let cpu = cpu.note(deliveries)?;
     let summary = summarize(delays);
     let mut row = Row::new("watch-fanout").latencies(summary);
     row.target = "p99 < 10 ms".into();
@@ -1218,15 +1257,8 @@ async fn watch_fanout(args: &Args, target: Target) -> anyhow::Result<Row> {
             ms(s.max)
         ));
     }
-    if let Some(s) = summary {
-        let per_delivery = |cpu: Duration| cpu.as_secs_f64() * 1e6 / s.count.max(1) as f64;
-        row.note(format!(
-            "CPU while delivering: server {} ({:.1} µs per delivery), clients {} ({:.1} µs)",
-            ms(server_cpu),
-            per_delivery(server_cpu),
-            ms(client_cpu),
-            per_delivery(client_cpu)
-        ));
+    if summary.is_some() {
+        row.note(format!("CPU while delivering: {cpu}"));
     }
     row.note(format!(
         "{} watchers on {} connections, {in_time} connected before the {:?} sleep ended (last after {})",
@@ -1247,10 +1279,10 @@ async fn watch_fanout(args: &Args, target: Target) -> anyhow::Result<Row> {
 /// messages, sent by the bare tonic service of the same process (see
 /// [`BroadcastRequest`]), `--floor-gap` apart.
 async fn watch_floor(args: &Args, target: Target) -> anyhow::Result<Row> {
-    const PER_CONNECTION: usize = 16;
     const WAVES: u32 = 41;
     const PER_WAVE: u32 = 2;
-    let connections = channels(target.echo, args.watchers.div_ceil(PER_CONNECTION)).await?;
+    let connections =
+        channels(target.echo, args.watchers.div_ceil(WATCHERS_PER_CONNECTION)).await?;
     let request = BroadcastRequest {
         watchers: args.watchers as u32,
         waves: WAVES,
@@ -1260,7 +1292,7 @@ async fn watch_floor(args: &Args, target: Target) -> anyhow::Result<Row> {
     let connected_count = Arc::new(AtomicUsize::new(0));
     let tasks: Vec<_> = (0..args.watchers)
         .map(|i| {
-            let channel = connections[i / PER_CONNECTION].clone();
+            let channel = connections[i / WATCHERS_PER_CONNECTION].clone();
             let request = request.clone();
             let connected_count = Arc::clone(&connected_count);
             tokio::spawn(async move {
@@ -1281,8 +1313,7 @@ async fn watch_floor(args: &Args, target: Target) -> anyhow::Result<Row> {
                 while let Some(message) = stream.message().await? {
                     let arrived = SystemTime::now();
                     let event = message.event.context("floor message without event")?;
-                    let time = SystemTime::try_from(event.time.context("event time")?)
-                        .map_err(|e| anyhow!("bad event time: {e:?}"))?;
+                    let time = event_time(&event)?;
                     delays.push(arrived.duration_since(time).unwrap_or(Duration::ZERO));
                 }
                 anyhow::Ok(delays)
@@ -1292,8 +1323,7 @@ async fn watch_floor(args: &Args, target: Target) -> anyhow::Result<Row> {
     while connected_count.load(Ordering::Relaxed) < args.watchers {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let server_cpu_before = cpu_time(&target.pid.to_string())?;
-    let client_cpu_before = cpu_time("self")?;
+    let cpu = CpuMeter::start(target.pid)?;
     let mut delays = Vec::new();
     for task in tasks {
         let mut d = tokio::time::timeout(PATIENCE, task)
@@ -1308,24 +1338,18 @@ async fn watch_floor(args: &Args, target: Target) -> anyhow::Result<Row> {
         }
         delays.append(&mut d);
     }
-    let server_cpu = cpu_time(&target.pid.to_string())?.saturating_sub(server_cpu_before);
-    let client_cpu = cpu_time("self")?.saturating_sub(client_cpu_before);
+    let cpu = cpu.note(delays.len())?;
     let summary = summarize(delays);
     let mut row = Row::new("watch-floor").latencies(summary);
     row.target = "(floor of watch-fanout)".into();
     if let Some(s) = summary {
-        let per_delivery = |cpu: Duration| cpu.as_secs_f64() * 1e6 / s.count.max(1) as f64;
         row.throughput = format!("{} deliveries", s.count);
         row.note(format!(
-            "bare tonic server stream in the same process, no layers: {WAVES} waves of {PER_WAVE} messages {:?} apart to {} watchers ({} connections) from a broadcast channel; delay = arrival - send time, max {}; CPU: server {} ({:.1} µs per delivery), clients {} ({:.1} µs)",
+            "bare tonic server stream in the same process, no layers: {WAVES} waves of {PER_WAVE} messages {:?} apart to {} watchers ({} connections) from a broadcast channel; delay = arrival - send time, max {}; CPU: {cpu}",
             args.floor_gap,
             args.watchers,
             connections.len(),
             ms(s.max),
-            ms(server_cpu),
-            per_delivery(server_cpu),
-            ms(client_cpu),
-            per_delivery(client_cpu)
         ));
     }
     Ok(row)

@@ -93,7 +93,8 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for BatchedWrites<T> {
         if this.held.len() >= HOLD_LIMIT {
             ready!(this.poll_write_held(cx))?;
         }
-        let room = HOLD_LIMIT.saturating_sub(this.held.len()).max(1);
+        // Below the limit here: there is room for at least one byte.
+        let room = HOLD_LIMIT - this.held.len();
         let mut taken = 0;
         for slice in data {
             let part = &slice[..slice.len().min(room - taken)];
